@@ -1,0 +1,621 @@
+"""FlashAttention-2 forward and backward in Triton.
+
+Algorithm: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and
+Work Partitioning" (2023), Algorithms 1 (forward) and 2 (backward). The forward
+tiles queries over programs and streams K/V blocks with the online softmax
+(Milakov & Gimelshein 2018), keeping only the running row max ``m``, the running
+sum ``l`` and the unnormalized output; it saves the row logsumexp. The backward
+recomputes ``P = exp(S - lse)`` block by block from Q, K and the saved
+logsumexp, with ``delta_i = sum_d dO_id * O_id`` (Dao 2023, eq. for dS:
+``dS = P * (dP - delta)``).
+
+Layout and features: q (B, Hq, T, D), k/v (B, Hkv, T, D) with any strides;
+grouped-query attention reads kv head ``h // (Hq // Hkv)`` directly (no
+repeated K/V in memory). The dK/dV program of a kv head loops over the query
+heads of its group, so there are no atomics and results are bitwise
+reproducible. Causal (top-left aligned), optional per-token document ids, any
+softmax scale. Scores are kept in log2 units (``s * scale * log2(e)``) so the
+exponentials are ``exp2``; the saved logsumexp is in the same units.
+
+Tested on: CPU under ``TRITON_INTERPRET=1`` (triton 3.9, torch 2.13) against
+``reference.attention_reference`` in fp32, fp16 and bf16, head dims 16/32/48/64,
+T in {1, 17, 129, 257}, causal and full, with and without doc ids, GQA groups
+1/2/4, forward and all three gradients (tests/kernels/test_attention.py).
+
+Known limits / not done:
+* No GPU run has been recorded yet: block sizes, warps and stages in
+  :func:`select_config` are untuned first guesses, and the GPU compile path has
+  not been exercised in this repository's history (see docs/performance.md).
+* Head dims must be a multiple of 16 and at most 128; the public function falls
+  back to PyTorch otherwise. fp64 is not supported by these kernels.
+* fp32 uses ``input_precision="ieee"`` for ``tl.dot`` (matches PyTorch's fp32
+  matmul, slow); bf16/fp16 use the tensor cores.
+* Blocks wholly masked by ``doc_ids`` are still visited (masked, not skipped).
+* Under the interpreter bf16 ``tl.dot`` is wrong (triton 3.9), so bf16 operands
+  are rounded to bf16 and upcast to fp32 there (``UPCAST_DOT``).
+* Dropout, ALiBi, sliding windows, KV cache and varlen (cu_seqlens) are absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import interpreter_enabled, interpreter_needs_fp32_dot
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_fwd_block(
+    q, m_i, l_i, acc, k_base, v_base, doc_q, doc_base, offs_m, start_n, seq_len,
+    qk_scale_log2, stride_kt, stride_kd, stride_vt, stride_vd, stride_doct,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    APPLY_CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One K/V block of the online softmax (Dao 2023, Alg. 1 lines 8-10)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < seq_len
+    mask_d = offs_d < HEAD_DIM
+    kt = tl.load(
+        k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+        mask=mask_n[None, :] & mask_d[:, None],
+        other=0.0,
+    )  # (BLOCK_D, BLOCK_N) = K^T
+    v = tl.load(
+        v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        mask=mask_n[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v_dtype = v.dtype
+    if UPCAST_DOT:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+    visible = mask_n[None, :]
+    if APPLY_CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_DOC:
+        doc_k = tl.load(doc_base + offs_n * stride_doct, mask=mask_n, other=-1)
+        visible = visible & (doc_q[:, None] == doc_k[None, :])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v_dtype)
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE, DOC,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_docb, stride_doct,
+    n_heads, seq_len, qk_scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DOC: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BLOCK_M), B * Hq): one query block of one head per program."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    off_kvh = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seq_len
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh
+        + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # fmt: skip
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    doc_base = DOC + off_b * stride_docb
+    doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_DOC:
+        doc_q = tl.load(doc_base + offs_m * stride_doct, mask=mask_m, other=-2)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Stage 1: key blocks wholly at or below the diagonal need no causal mask.
+    end_full = seq_len
+    if CAUSAL:
+        end_full = start_m  # BLOCK_M % BLOCK_N == 0, so this is a block boundary
+    for start_n in range(0, end_full, BLOCK_N):
+        m_i, l_i, acc = _attention_fwd_block(
+            q, m_i, l_i, acc, k_base, v_base, doc_q, doc_base, offs_m, start_n, seq_len,
+            qk_scale_log2, stride_kt, stride_kd, stride_vt, stride_vd, stride_doct,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOC, UPCAST_DOT, PRECISION,
+        )  # fmt: skip
+    # Stage 2 (causal only): the blocks crossing the diagonal.
+    if CAUSAL:
+        end_diag = tl.minimum(start_m + BLOCK_M, seq_len)
+        for start_n in range(start_m, end_diag, BLOCK_N):
+            m_i, l_i, acc = _attention_fwd_block(
+                q, m_i, l_i, acc, k_base, v_base, doc_q, doc_base, offs_m, start_n, seq_len,
+                qk_scale_log2, stride_kt, stride_kd, stride_vt, stride_vd, stride_doct,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOC, UPCAST_DOT, PRECISION,
+            )  # fmt: skip
+    # Rows with no visible key (only possible for padding rows) give 0, lse 0.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    out = acc / l_safe[:, None]
+    lse = m_safe + tl.log2(l_safe)
+    tl.store(
+        O + off_b * stride_ob + off_h * stride_oh
+        + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )  # fmt: skip
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    n_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta_i = sum_d dO_id * O_id (Dao 2023, Alg. 2 line 4). Grid as the forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(
+        O + off_b * stride_ob + off_h * stride_oh
+        + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh
+        + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attention_bwd_dkdv_block(
+    k, v, dk, dv, q_base, do_base, lse_base, delta_base, doc_k, doc_base, offs_n, start_m,
+    seq_len, qk_scale_log2, stride_qt, stride_qd, stride_dot, stride_dod, stride_doct,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    APPLY_CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One query block's contribution to dK, dV (Dao 2023, Alg. 2 lines 11-16)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seq_len
+    mask_d = offs_d < HEAD_DIM
+    qt = tl.load(
+        q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+        mask=mask_m[None, :] & mask_d[:, None],
+        other=0.0,
+    )  # (BLOCK_D, BLOCK_M) = Q^T
+    do = tl.load(
+        do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    in_dtype = do.dtype
+    if UPCAST_DOT:
+        qt = qt.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M) = S^T
+    visible = mask_m[None, :]
+    if APPLY_CAUSAL:
+        visible = visible & (offs_m[None, :] >= offs_n[:, None])
+    if HAS_DOC:
+        doc_q = tl.load(doc_base + offs_m * stride_doct, mask=mask_m, other=-2)
+        visible = visible & (doc_k[:, None] == doc_q[None, :])
+    pt = tl.where(visible, tl.exp2(st - lse[None, :]), 0.0)
+    pt_in = pt.to(in_dtype)
+    if UPCAST_DOT:
+        pt_in = pt_in.to(tl.float32)
+    dv += tl.dot(pt_in, do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) = dP^T
+    dst = pt * (dpt - delta[None, :])
+    dst_in = dst.to(in_dtype)
+    if UPCAST_DOT:
+        dst_in = dst_in.to(tl.float32)
+    dk += tl.dot(dst_in, tl.trans(qt), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DOC,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_docb, stride_doct,
+    n_heads, n_kv_heads, seq_len, qk_scale_log2, softmax_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DOC: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BLOCK_N), B * Hkv): one key block of one kv head per program.
+
+    Loops over the GROUP query heads sharing this kv head, so GQA needs neither
+    repeated K/V nor atomics.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_kv_heads).to(tl.int64)
+    off_kvh = (pid_bh % n_kv_heads).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_nd = (offs_n[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(
+        K + off_b * stride_kb + off_kvh * stride_kh
+        + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+        mask=mask_nd, other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        V + off_b * stride_vb + off_kvh * stride_vh
+        + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        mask=mask_nd, other=0.0,
+    )  # fmt: skip
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    doc_base = DOC + off_b * stride_docb
+    doc_k = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if HAS_DOC:
+        doc_k = tl.load(doc_base + offs_n * stride_doct, mask=offs_n < seq_len, other=-1)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Causal: query blocks before start_n see nothing of this key block; those in
+    # [start_n, start_n + BLOCK_N) cross the diagonal; later ones see all of it.
+    start_full = 0
+    if CAUSAL:
+        start_full = tl.minimum(start_n + BLOCK_N, seq_len)  # BLOCK_N % BLOCK_M == 0
+    for g in range(GROUP):
+        off_h = off_kvh * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = (off_b * n_heads + off_h) * seq_len
+        if CAUSAL:
+            for start_m in range(start_n, start_full, BLOCK_M):
+                dk, dv = _attention_bwd_dkdv_block(
+                    k, v, dk, dv, q_base, do_base, LSE + row_base, DELTA + row_base, doc_k,
+                    doc_base, offs_n, start_m, seq_len, qk_scale_log2, stride_qt, stride_qd,
+                    stride_dot, stride_dod, stride_doct,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOC, UPCAST_DOT, PRECISION,
+                )  # fmt: skip
+        for start_m in range(start_full, seq_len, BLOCK_M):
+            dk, dv = _attention_bwd_dkdv_block(
+                k, v, dk, dv, q_base, do_base, LSE + row_base, DELTA + row_base, doc_k,
+                doc_base, offs_n, start_m, seq_len, qk_scale_log2, stride_qt, stride_qd,
+                stride_dot, stride_dod, stride_doct,
+                HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DOC, UPCAST_DOT, PRECISION,
+            )  # fmt: skip
+    dk = dk * softmax_scale  # dS is w.r.t. scale * Q K^T
+    tl.store(
+        DK + off_b * stride_dkb + off_kvh * stride_dkh
+        + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty), mask=mask_nd,
+    )  # fmt: skip
+    tl.store(
+        DV + off_b * stride_dvb + off_kvh * stride_dvh
+        + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty), mask=mask_nd,
+    )  # fmt: skip
+
+
+@triton.jit
+def _attention_bwd_dq_block(
+    q, do, dq, lse, delta, k_base, v_base, doc_q, doc_base, offs_m, start_n, seq_len,
+    qk_scale_log2, stride_kt, stride_kd, stride_vt, stride_vd, stride_doct,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    APPLY_CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block's contribution to dQ (Dao 2023, Alg. 2 lines 11-14, 17)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < seq_len
+    mask_d = offs_d < HEAD_DIM
+    kt = tl.load(
+        k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+        mask=mask_n[None, :] & mask_d[:, None],
+        other=0.0,
+    )  # (BLOCK_D, BLOCK_N) = K^T
+    vt = tl.load(
+        v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
+        mask=mask_n[None, :] & mask_d[:, None],
+        other=0.0,
+    )  # (BLOCK_D, BLOCK_N) = V^T
+    in_dtype = kt.dtype
+    if UPCAST_DOT:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+    visible = mask_n[None, :]
+    if APPLY_CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_DOC:
+        doc_k = tl.load(doc_base + offs_n * stride_doct, mask=mask_n, other=-1)
+        visible = visible & (doc_q[:, None] == doc_k[None, :])
+    p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    ds_in = ds.to(in_dtype)
+    if UPCAST_DOT:
+        ds_in = ds_in.to(tl.float32)
+    dq += tl.dot(ds_in, tl.trans(kt), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DOC,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_docb, stride_doct,
+    n_heads, seq_len, qk_scale_log2, softmax_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DOC: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BLOCK_M), B * Hq): one query block of one head per program."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = (pid_bh % n_heads).to(tl.int64)
+    off_kvh = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seq_len
+    mask_md = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh
+        + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=mask_md, other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh
+        + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+        mask=mask_md, other=0.0,
+    )  # fmt: skip
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_base = pid_bh.to(tl.int64) * seq_len
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    doc_base = DOC + off_b * stride_docb
+    doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_DOC:
+        doc_q = tl.load(doc_base + offs_m * stride_doct, mask=mask_m, other=-2)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end_full = seq_len
+    if CAUSAL:
+        end_full = start_m  # BLOCK_M % BLOCK_N == 0
+    for start_n in range(0, end_full, BLOCK_N):
+        dq = _attention_bwd_dq_block(
+            q, do, dq, lse, delta, k_base, v_base, doc_q, doc_base, offs_m, start_n, seq_len,
+            qk_scale_log2, stride_kt, stride_kd, stride_vt, stride_vd, stride_doct,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOC, UPCAST_DOT, PRECISION,
+        )  # fmt: skip
+    if CAUSAL:
+        end_diag = tl.minimum(start_m + BLOCK_M, seq_len)
+        for start_n in range(start_m, end_diag, BLOCK_N):
+            dq = _attention_bwd_dq_block(
+                q, do, dq, lse, delta, k_base, v_base, doc_q, doc_base, offs_m, start_n,
+                seq_len, qk_scale_log2, stride_kt, stride_kd, stride_vt, stride_vd, stride_doct,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOC, UPCAST_DOT, PRECISION,
+            )  # fmt: skip
+    dq = dq * softmax_scale
+    tl.store(
+        DQ + off_b * stride_dqb + off_h * stride_dqh
+        + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty), mask=mask_md,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes and launch parameters for the three attention kernels.
+
+    Requires ``fwd_block_m % fwd_block_n == 0``, ``dkdv_block_n % dkdv_block_m == 0``
+    and ``dq_block_m % dq_block_n == 0`` (the causal split is on block boundaries).
+    """
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    dkdv_block_m: int = 32
+    dkdv_block_n: int = 64
+    dq_block_m: int = 64
+    dq_block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if (
+            self.fwd_block_m % self.fwd_block_n
+            or self.dkdv_block_n % self.dkdv_block_m
+            or self.dq_block_m % self.dq_block_n
+        ):
+            raise ValueError(f"attention tiles must nest for the causal split: {self}")
+
+
+def select_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """Pick tiles by head dim and dtype (a fixed table; no autotuning, no device query).
+
+    Untuned first guesses (no GPU run recorded yet). Under the interpreter the
+    tiles are small so short test sequences still span several blocks.
+    """
+    if interpreter_enabled():
+        return AttentionConfig(32, 16, 16, 32, 32, 16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # ieee fp32 dots: keep shared memory small
+        return AttentionConfig(64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return AttentionConfig(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3)
+    return AttentionConfig(128, 64, 32, 64, 64, 32, num_warps=8, num_stages=2)
+
+
+def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def _common(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int, str]:
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    fp32_dots = q.dtype == torch.float32 or interpreter_needs_fp32_dot(q.dtype)
+    precision = "ieee" if fp32_dots else "tf32"  # ignored for bf16/fp16 operands
+    return b, hq, hkv, t, d, block_d, precision
+
+
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    doc_ids: torch.Tensor | None,
+    config: AttentionConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Returns:
+        out (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32 in log2 units.
+    """
+    b, hq, hkv, t, d, block_d, precision = _common(q, k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    doc = doc_ids if doc_ids is not None else lse  # unused pointer when HAS_DOC is False
+    grid = (triton.cdiv(t, config.fwd_block_m), b * hq)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, doc,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_strides(doc_ids, 2),
+        hq, t, softmax_scale * LOG2E,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d,
+        BLOCK_M=config.fwd_block_m, BLOCK_N=config.fwd_block_n, CAUSAL=causal,
+        HAS_DOC=doc_ids is not None, UPCAST_DOT=interpreter_needs_fp32_dot(q.dtype),
+        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def flash_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    softmax_scale: float,
+    doc_ids: torch.Tensor | None,
+    config: AttentionConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch preprocess, dK/dV and dQ kernels. Returns (dq, dk, dv) like q, k, v."""
+    b, hq, hkv, t, d, block_d, precision = _common(q, k)
+    delta = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(t, config.dq_block_m), b * hq)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, t,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=config.dq_block_m,
+    )  # fmt: skip
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    doc = doc_ids if doc_ids is not None else lse
+    flags = dict(
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal,
+        HAS_DOC=doc_ids is not None, UPCAST_DOT=interpreter_needs_fp32_dot(q.dtype),
+        PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    scale_log2 = softmax_scale * LOG2E
+    _attention_bwd_dkdv_kernel[(triton.cdiv(t, config.dkdv_block_n), b * hkv)](
+        q, k, v, grad_out, lse, delta, dk, dv, doc,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
+        *dv.stride(), *_strides(doc_ids, 2), hq, hkv, t, scale_log2, softmax_scale,
+        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, **flags,
+    )  # fmt: skip
+    _attention_bwd_dq_kernel[(triton.cdiv(t, config.dq_block_m), b * hq)](
+        q, k, v, grad_out, lse, delta, dq, doc,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *_strides(doc_ids, 2), hq, t, scale_log2, softmax_scale,
+        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, **flags,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, out and the logsumexp; recomputes P in backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        softmax_scale: float,
+        doc_ids: torch.Tensor | None,
+        config: AttentionConfig,
+    ) -> torch.Tensor:
+        out, lse = flash_attention_forward(
+            q, k, v, causal=causal, softmax_scale=softmax_scale, doc_ids=doc_ids, config=config
+        )
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.causal, ctx.softmax_scale, ctx.config = causal, softmax_scale, config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(
+            grad_out, q, k, v, out, lse, causal=ctx.causal, softmax_scale=ctx.softmax_scale,
+            doc_ids=doc_ids, config=ctx.config,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(D), the scale of Vaswani et al. (2017), eq. 1."""
+    return 1.0 / math.sqrt(head_dim)
