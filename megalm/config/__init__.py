@@ -1,0 +1,33 @@
+"""Typed configuration: schema dataclasses, YAML loading, overrides, validation."""
+
+from megalm.config.load import ConfigError, apply_override, load_config, save_config, to_dict
+from megalm.config.schema import (
+    Config,
+    DataConfig,
+    DistConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainingConfig,
+    ZeroConfig,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "RunConfig",
+    "TrainingConfig",
+    "ZeroConfig",
+    "apply_override",
+    "load_config",
+    "save_config",
+    "to_dict",
+]

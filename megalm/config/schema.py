@@ -1,0 +1,138 @@
+"""Typed configuration schema: one dataclass per YAML section.
+
+Every key a user can set lives here, with its default. ``megalm.config.load``
+turns YAML plus ``dotted.key=value`` overrides into these objects and rejects
+unknown keys and wrong types with a message that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and the global seed."""
+
+    dir: str = "runs/tiny"
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only Transformer shape.
+
+    ``family`` picks the block recipe:
+
+    - ``llama``: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no biases,
+      untied output head.
+    - ``gpt2``: LayerNorm, learned positions, GELU MLP, biases, tied embeddings.
+    """
+
+    family: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int = 0  # 0: take it from the tokenizer named in the data manifest
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention)
+    ffn_hidden: int = 0  # 0: 4*d_model (gpt2) or the Llama 2/3*4*d rounded to 64 (llama)
+    seq_len: int = 256
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool | None = None  # None: the family's default (gpt2 tied, llama untied)
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Tokenized webdataset shards written by ``data_tools.preprocess``."""
+
+    dir: str = "data/stdlib/shards"
+    seed: int = 1234
+
+
+@dataclass
+class TrainingConfig:
+    """Step counts, batch sizes, intervals and resume policy.
+
+    ``global_batch`` (sequences per optimizer step) is the layout invariant;
+    gradient accumulation is derived: ``global_batch / (micro_batch * dp)``.
+    """
+
+    max_steps: int = 300
+    global_batch: int = 16
+    micro_batch: int = 8
+    resume: str = "auto"  # auto | never | path to a checkpoint tag directory
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    save_interval: int = 100
+    keep_checkpoints: int = 2
+    sample_tokens: int = 64
+    sample_prompt: str = "def "
+    sample_temperature: float = 0.8
+    sample_top_k: int = 20
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr``."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    decay_steps: int = 0  # 0: decay over training.max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. Data parallelism is whatever the world size leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO stage (0: plain data parallel)."""
+
+    stage: Literal[0, 1, 2, 3] = 0
+
+
+@dataclass
+class PrecisionConfig:
+    """Compute dtype; ``auto`` is bf16 on CUDA and fp32 on CPU."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass
+class DistConfig:
+    """Process-group settings."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: int = 600
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    dist: DistConfig = field(default_factory=DistConfig)

@@ -1,0 +1,122 @@
+"""Checkpoints that an interrupted save can never make unloadable.
+
+Layout under ``<run.dir>/checkpoints/``::
+
+    step_00000100/          DeepSpeed model/optimizer/scheduler shards (every rank)
+        rng/rank_00000.pt   per-rank torch / numpy / python RNG states
+        meta.json           step, loader state, resolved config (rank 0)
+        COMPLETE            written last, after a barrier: the tag is whole
+    latest                  name of the newest COMPLETE tag, replaced atomically
+
+A save writes the tag, waits for every rank, marks it ``COMPLETE`` and only then
+points ``latest`` at it (``os.replace`` of a temporary file). A crash at any
+moment leaves ``latest`` naming a whole checkpoint. Resume picks ``latest`` and,
+if it is missing or broken, the newest ``COMPLETE`` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a ``COMPLETE`` marker, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint ``training.resume=auto`` continues from, or ``None``."""
+    latest = ckpt_dir / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (ckpt_dir / tag / COMPLETE).is_file():
+            return ckpt_dir / tag
+    tags = complete_tags(ckpt_dir)
+    return ckpt_dir / tags[-1] if tags else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a partial save of this step from an interrupted run
+            shutil.rmtree(path)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"megalm": meta}, save_latest=False)
+    (path / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        atomic_write_text(path / COMPLETE, "")
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(engine, path: Path) -> dict[str, Any]:
+    """Collective: restore engine, RNG; return the megalm metadata saved with it."""
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(
+            f"checkpoint '{path}' is incomplete or missing (no {COMPLETE} marker); "
+            "pass another training.resume path or training.resume=never"
+        )
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint '{path}'")
+    rank_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if rank_file.is_file():  # absent when resuming on more ranks than saved
+        set_rng_state(torch.load(rank_file, weights_only=False))
+    return client["megalm"]

@@ -1,0 +1,77 @@
+"""The DeepSpeed edge: config generation and ``deepspeed.initialize``.
+
+Data parallelism, ZeRO, precision, gradient accumulation and clipping are the
+engine's job; megalm only describes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from megalm.config import Config
+from megalm.train.optim import make_optimizer, make_scheduler
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA, fp32 on CPU."""
+    if cfg.precision.dtype != "auto":
+        return cfg.precision.dtype
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def gradient_accumulation(cfg: Config, dp: int) -> int:
+    """``global_batch / (micro_batch * dp)``, with an error that names all three."""
+    t = cfg.training
+    if t.global_batch % (t.micro_batch * dp):
+        raise ValueError(
+            f"training.global_batch ({t.global_batch}) must be divisible by training.micro_batch "
+            f"({t.micro_batch}) * dp ({dp}); pick a global batch that is a multiple of "
+            f"{t.micro_batch * dp}"
+        )
+    return t.global_batch // (t.micro_batch * dp)
+
+
+def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON config equivalent of ``cfg`` for ``dp`` data-parallel ranks."""
+    dtype = resolve_dtype(cfg, device)
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.stage == 3:
+        # Gather parameters on every forward: keeps memory predictable for small models
+        # and makes eval/generation identical across ranks.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    return {
+        "train_batch_size": cfg.training.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.training.micro_batch,
+        "gradient_accumulation_steps": gradient_accumulation(cfg, dp),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # megalm logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: Config, model: nn.Module, dp: int, device: torch.device):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
+
+    Returns:
+        The ``DeepSpeedEngine`` (``engine(tokens, labels)`` gives the loss,
+        ``engine.backward``/``engine.step`` run one micro-step).
+    """
+    import deepspeed
+
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.optim, device)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.training.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dp, device),
+    )
+    return engine
