@@ -18,12 +18,7 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     Head dim a multiple of 16 in [16, 128]; fp16, bf16 or fp32; q, k, v of one dtype.
     """
     d = q.shape[-1]
-    return (
-        d % 16 == 0
-        and 16 <= d <= 128
-        and q.dtype in _TRITON_DTYPES
-        and q.dtype == k.dtype == v.dtype
-    )
+    return d % 16 == 0 and 16 <= d <= 128 and q.dtype in _TRITON_DTYPES and q.dtype == k.dtype == v.dtype
 
 
 def flash_attention(
@@ -61,9 +56,7 @@ def flash_attention(
 
     check_shapes(q, k, v)
     if doc_ids is not None and tuple(doc_ids.shape) != (q.shape[0], q.shape[2]):
-        raise ValueError(
-            f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {doc_ids.shape}"
-        )
+        raise ValueError(f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {doc_ids.shape}")
     scale = softmax_scale if softmax_scale is not None else default_scale(q.shape[-1])
     config = select_config(q.shape[-1], q.dtype)
     return FlashAttentionFunction.apply(q, k, v, causal, scale, doc_ids, config)

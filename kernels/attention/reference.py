@@ -134,8 +134,6 @@ def attention_sdpa(
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
     if doc_ids is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, scale=softmax_scale, **kwargs
-        )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, **kwargs)
     mask = attention_mask(q.shape[2], causal=causal, doc_ids=doc_ids, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, **kwargs)

@@ -80,17 +80,13 @@ def _softmax_fwd_kernel(
             x = tl.where(visible, x * scale, float("-inf"))
             m_new = tl.maximum(m, x)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.exp2(
-                (x - m_safe) * 1.4426950408889634
-            )
+            l = l * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.exp2((x - m_safe) * 1.4426950408889634)
             m = m_new
             any_visible = tl.maximum(any_visible, visible.to(tl.int32))
         # Merge the lanes: row max and row sum (online softmax, combine step).
         m_row = tl.max(m, 0)
         m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-        lane_scale = tl.where(
-            m == float("-inf"), 0.0, tl.exp2((m - m_row_safe) * 1.4426950408889634)
-        )
+        lane_scale = tl.where(m == float("-inf"), 0.0, tl.exp2((m - m_row_safe) * 1.4426950408889634))
         l_row = tl.sum(l * lane_scale, 0)
         row_visible = tl.max(any_visible, 0) > 0
         inv_l = 1.0 / tl.where(row_visible, l_row, 1.0)
