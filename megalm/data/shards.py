@@ -75,7 +75,9 @@ def read_documents(manifest: Manifest, split: str, verify: bool = True) -> list[
                                 "re-run data_tools.preprocess")
         before = len(docs)
         try:
-            for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            # A bare pipeline (no node/worker splitting): megalm splits samples itself by
+            # (dp_rank, dp_size); WebDataset's default splitter would read the global RANK.
+            for sample in wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()):
                 docs.append(np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False))
         except Exception as e:  # tarfile/numpy errors for truncated or corrupt shards
             raise DataError(f"shard '{path}' cannot be read ({e}); re-run data_tools.preprocess") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,6 +56,8 @@ def init_distributed(cfg: Config) -> DistInfo:
     """
     import deepspeed
 
+    # DeepSpeed's ZeRO calls a torch collective that torch >= 2.10 flags on every step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
     launcher = detect_launcher()
     if launcher == "python":
         os.environ.update(

@@ -1,0 +1,61 @@
+# megalm: the two commands a new user runs are `make train` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU machines get the CPU wheel of torch 2.13.0; on a GPU machine pip takes the CUDA build.
+TORCH  ?= torch==2.13.0
+DATA   := data/stdlib
+CONFIG ?= configs/tiny.yaml
+ARGS   ?=
+
+.PHONY: help install install-dev data train test lint bench clean-run clean
+
+help:
+	@echo "make train   install, build the stdlib corpus + tokenizer + shards, train configs/tiny.yaml"
+	@echo "make test    install dev extras and run the whole test suite"
+	@echo "make data    only build data/stdlib (corpus, tokenizer, shards)"
+	@echo "make lint    ruff check + format check"
+	@echo "make bench   megalm step vs bare PyTorch step benchmark"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(DATA)/shards/manifest.json: | $(VENV)/.installed
+	$(BIN)/python -m data_tools.stdlib_corpus --output $(DATA)/raw
+	$(BIN)/python -m data_tools.train_tokenizer --input $(DATA)/raw --vocab-size 4096 --output $(DATA)/tokenizer
+	$(BIN)/python -m data_tools.preprocess --input $(DATA)/raw --tokenizer $(DATA)/tokenizer \
+		--output $(DATA)/shards --val-fraction 0.05 --workers 2
+
+data: $(DATA)/shards/manifest.json
+
+train: $(VENV)/.installed data
+	$(BIN)/python launch/pretrain.py --config $(CONFIG) $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(VENV)/.installed data
+	$(BIN)/python launch/bench_step.py --config $(CONFIG) $(ARGS)
+
+clean-run:
+	rm -rf runs/tiny
+
+clean:
+	rm -rf $(VENV) data runs
