@@ -18,7 +18,7 @@ softmax scale. Scores are kept in log2 units (``s * scale * log2(e)``) so the
 exponentials are ``exp2``; the saved logsumexp is in the same units.
 
 Tested on: CPU under ``TRITON_INTERPRET=1`` (triton 3.9, torch 2.13) against
-``reference.attention_reference`` in fp32, fp16 and bf16, head dims 16/32/48/64,
+``reference.attention_reference`` in fp32, fp16 and bf16, head dims 16/32/48/64/128,
 T in {1, 17, 129, 257}, causal and full, with and without doc ids, GQA groups
 1/2/4, forward and all three gradients (tests/kernels/test_attention.py).
 
