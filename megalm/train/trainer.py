@@ -27,6 +27,7 @@ from megalm.train.dist import DistInfo, init_distributed
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
 from megalm.train.metrics import MetricsLog, memory_gb, peak_flops
 from megalm.train.plot import plot_loss
+from megalm.train.step import engine_step
 
 
 @dataclass
@@ -202,22 +203,10 @@ class Trainer:
         return tok.decode(out[0].tolist())
 
     def _train_step(self) -> tuple[float, float | None]:
-        losses, gnorm = [], None
-        micro_batches = self.batches.step_batches()
-        for i, (x, y) in enumerate(micro_batches):
-            loss = self.engine(x.to(self.info.device), y.to(self.info.device))
-            self.engine.backward(loss)
-            if i == len(micro_batches) - 1 and self._plain_fp32:
-                # DeepSpeed's plain fp32 path clips without keeping the norm: measure the
-                # (already data-parallel averaged) gradient norm before the step.
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                gnorm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
-            self.engine.step()
-            losses.append(loss.detach())
-        loss = _all_mean(torch.stack(losses).mean(), self.dp)
-        if gnorm is None and self.engine.get_global_grad_norm() is not None:
-            gnorm = float(self.engine.get_global_grad_norm())
-        return loss, gnorm
+        loss, gnorm = engine_step(
+            self.engine, self.batches.step_batches(), self.info.device, self._plain_fp32
+        )
+        return _all_mean(loss, self.dp), gnorm
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:

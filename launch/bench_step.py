@@ -1,0 +1,60 @@
+"""Benchmark: one megalm (DeepSpeed engine) training step vs a bare PyTorch loop.
+
+    python launch/bench_step.py --config configs/tiny.yaml [--steps 10] [--out runs/bench] [key=value ...]
+
+Prints a table and writes ``<out>/bench_step.json``. Goal: ratio <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megalm.config import ConfigError, load_config  # noqa: E402
+from megalm.data import DataError, load_manifest  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per path")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per path")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.model.vocab_size:
+            vocab = load_manifest(cfg.data.dir).vocab_size
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megalm.train.bench_step import compare_step
+
+    r = compare_step(cfg, args.steps, args.warmup)
+    print(
+        f"\nstep benchmark: {r['model']} global batch {r['global_batch']} (micro {r['micro_batch']}), "
+        f"zero {r['zero_stage']}, {r['device']} x {r['threads']} threads, median of {r['steps_timed']}"
+    )
+    print(f"{'path':<8} {'step (ms)':>10} {'tokens/s':>10} {'TFLOP/s':>9}")
+    for k in ("bare", "megalm"):
+        ms, tps, tflops = r["median_step_s"][k] * 1e3, r["tokens_per_s"][k], r["tflops"][k]
+        print(f"{k:<8} {ms:>10.1f} {tps:>10,.0f} {tflops:>9.4f}")
+    print(
+        f"ratio megalm / bare = {r['ratio_megalm_over_bare']:.3f} (goal <= 1.05); "
+        f"max loss relative difference {r['max_loss_rel_diff']:.1e}"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_step.json").write_text(json.dumps(r, indent=2) + "\n")
+    print(f"wrote {args.out / 'bench_step.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
