@@ -31,7 +31,7 @@ import triton.language as tl
 from kernels.cross_entropy.reference import CrossEntropyPartials
 from kernels.dispatch import interpreter_enabled
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a kernel may read must be constexpr
 
 
 @triton.jit
