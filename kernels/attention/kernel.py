@@ -489,9 +489,9 @@ def select_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
     if interpreter_enabled():
         return AttentionConfig(32, 16, 16, 32, 32, 16, num_warps=1, num_stages=1)
     if dtype == torch.float32:  # ieee fp32 dots: keep shared memory small
-        return AttentionConfig(64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2)
+        return AttentionConfig(32, 32, 16, 32, 32, 16, num_warps=4, num_stages=2)
     if head_dim <= 64:
-        return AttentionConfig(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3)
+        return AttentionConfig(128, 64, 32, 128, 128, 32, num_warps=8, num_stages=3)
     return AttentionConfig(128, 64, 32, 64, 64, 32, num_warps=8, num_stages=2)
 
 
