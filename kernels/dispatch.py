@@ -17,6 +17,7 @@ Nothing here runs at import time: no device queries, no triton import.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -104,3 +105,12 @@ def interpreter_needs_fp32_dot(dtype: torch.dtype) -> bool:
     then upcasts them to fp32. On CUDA this is always False.
     """
     return interpreter_enabled() and dtype == torch.bfloat16
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current device for a launch (Triton launches on the current one).
+
+    Autograd's backward threads already run on the tensors' device; the forward
+    may not (e.g. tensors on cuda:1 while cuda:0 is current).
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels.attention.reference import attention_reference, attention_sdpa, check_shapes
-from kernels.dispatch import use_triton
+from kernels.dispatch import device_guard, use_triton
 
 __all__ = ["attention_reference", "attention_sdpa", "flash_attention", "triton_supports"]
 
@@ -59,4 +59,5 @@ def flash_attention(
         raise ValueError(f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {doc_ids.shape}")
     scale = softmax_scale if softmax_scale is not None else default_scale(q.shape[-1])
     config = select_config(q.shape[-1], q.dtype)
-    return FlashAttentionFunction.apply(q, k, v, causal, scale, doc_ids, config)
+    with device_guard(q):
+        return FlashAttentionFunction.apply(q, k, v, causal, scale, doc_ids, config)

@@ -35,7 +35,7 @@ from kernels.cross_entropy.reference import (
     partials_reference,
     slice_grad_reference,
 )
-from kernels.dispatch import use_triton
+from kernels.dispatch import device_guard, use_triton
 
 __all__ = [
     "CrossEntropyPartials",
@@ -89,7 +89,8 @@ def cross_entropy_partials(
     if _triton(impl, logits, labels):
         from kernels.cross_entropy.kernel import partials_triton
 
-        return partials_triton(logits, labels, vocab_start=vocab_start, ignore_index=ignore_index)
+        with device_guard(logits):
+            return partials_triton(logits, labels, vocab_start=vocab_start, ignore_index=ignore_index)
     return partials_reference(logits, labels, vocab_start=vocab_start, ignore_index=ignore_index)
 
 
@@ -135,7 +136,8 @@ def cross_entropy_slice_grad(
     if _triton(impl, logits, labels):
         from kernels.cross_entropy.kernel import slice_grad_triton
 
-        return slice_grad_triton(logits, labels, lse, grad_loss, **kwargs)
+        with device_guard(logits):
+            return slice_grad_triton(logits, labels, lse, grad_loss, **kwargs)
     return slice_grad_reference(logits, labels, lse, grad_loss, **kwargs)
 
 

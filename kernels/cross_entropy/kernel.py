@@ -110,7 +110,7 @@ def partials_triton(
     logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int, ignore_index: int
 ) -> CrossEntropyPartials:
     """Launch the forward kernel on (N, V_local) logits and (N,) labels."""
-    logits = _rows(logits)
+    logits, labels = _rows(logits), labels.contiguous()
     n_rows, n_cols = logits.shape
     out = [torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(4)]
     if n_rows > 0:
@@ -134,7 +134,7 @@ def slice_grad_triton(
     label_smoothing: float,
 ) -> torch.Tensor:
     """Launch the backward kernel; returns dlogits (N, V_local) in the logits' dtype."""
-    logits = _rows(logits)
+    logits, labels = _rows(logits), labels.contiguous()
     n_rows, n_cols = logits.shape
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows > 0 and n_cols > 0:

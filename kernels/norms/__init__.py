@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import device_guard, use_triton
 from kernels.norms.reference import layer_norm_reference, rms_norm_reference
 
 __all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]
@@ -55,7 +55,8 @@ def rms_norm(
         return rms_norm_reference(x, weight, eps, residual)
     from kernels.norms.kernel import NormFunction
 
-    return NormFunction.apply(x, weight, None, residual, eps, True)
+    with device_guard(x):
+        return NormFunction.apply(x, weight, None, residual, eps, True)
 
 
 def layer_norm(
@@ -87,4 +88,5 @@ def layer_norm(
         return layer_norm_reference(x, weight, bias, eps, residual)
     from kernels.norms.kernel import NormFunction
 
-    return NormFunction.apply(x, weight, bias, residual, eps, False)
+    with device_guard(x):
+        return NormFunction.apply(x, weight, bias, residual, eps, False)

@@ -171,6 +171,8 @@ class NormFunction(torch.autograd.Function):
         is_rms: bool,
     ):
         ctx.set_materialize_grads(False)
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         shape, n_cols = x.shape, x.shape[-1]
         x2 = _rows(x, n_cols)
         n_rows = x2.shape[0]

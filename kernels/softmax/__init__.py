@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import device_guard, use_triton
 from kernels.softmax.reference import scaled_masked_softmax_reference
 
 __all__ = ["scaled_masked_softmax", "scaled_masked_softmax_reference"]
@@ -44,4 +44,5 @@ def scaled_masked_softmax(
         return scaled_masked_softmax_reference(scores, scale=scale, mask=mask, causal=causal)
     from kernels.softmax.kernel import ScaledMaskedSoftmaxFunction
 
-    return ScaledMaskedSoftmaxFunction.apply(scores, float(scale), mask, causal, None)
+    with device_guard(scores):
+        return ScaledMaskedSoftmaxFunction.apply(scores, float(scale), mask, causal, None)
