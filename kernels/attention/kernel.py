@@ -20,12 +20,16 @@ exponentials are ``exp2``; the saved logsumexp is in the same units.
 Tested on: CPU under ``TRITON_INTERPRET=1`` (triton 3.9, torch 2.13) against
 ``reference.attention_reference`` in fp32, fp16 and bf16, head dims 16/32/48/64/128,
 T in {1, 17, 129, 257}, causal and full, with and without doc ids, GQA groups
-1/2/4, forward and all three gradients (tests/kernels/test_attention.py).
+1/2/4, forward and all three gradients (tests/kernels/test_attention.py); also
+under triton 3.6 with numpy 2.3. Compiled, not run, for sm_90 with triton 3.6 and
+3.9 (tests/kernels/compile_for_gpu.py): at head dim 128 bf16 the kernels use up to
+66 KB shared memory and 255 registers, with spills of under 128 bytes in the
+backward kernels (fp32 tiles are smaller to avoid spilling).
 
 Known limits / not done:
-* No GPU run has been recorded yet: block sizes, warps and stages in
-  :func:`select_config` are untuned first guesses, and the GPU compile path has
-  not been exercised in this repository's history (see docs/performance.md).
+* No GPU run has been recorded yet (docs/performance.md): block sizes, warps and
+  stages in :func:`select_config` are untuned first guesses, and the compiled
+  kernels have never been launched.
 * Head dims must be a multiple of 16 and at most 128; the public function falls
   back to PyTorch otherwise. fp64 is not supported by these kernels.
 * fp32 uses ``input_precision="ieee"`` for ``tl.dot`` (matches PyTorch's fp32

@@ -18,6 +18,8 @@ Tested on: CPU under ``TRITON_INTERPRET=1`` (triton 3.9, torch 2.13) against
 ignored rows, label smoothing, labels inside and outside a slice, NaN logits
 (tests/kernels/test_cross_entropy.py).
 
+Compiled (not run) for sm_90 with triton 3.6 and 3.9 (tests/kernels/compile_for_gpu.py).
+
 Known limits: no GPU run recorded yet (block/warp choices untuned); the gradient
 is a new tensor (no in-place reuse of the logits buffer).
 """

@@ -21,6 +21,8 @@ Tested on: CPU under ``TRITON_INTERPRET=1`` (triton 3.9, torch 2.13) against
 of two), 1-257 rows, with/without bias and residual (also fp32 residual with
 bf16 input), gradients for x, weight, bias, residual (tests/kernels/test_norms.py).
 
+Compiled (not run) for sm_90 with triton 3.6 and 3.9 (tests/kernels/compile_for_gpu.py).
+
 Known limits: no GPU run recorded yet (warps untuned); hidden size above 32768
 takes the PyTorch path (the row must fit in one block); ``weight`` is required.
 """

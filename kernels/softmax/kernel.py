@@ -18,6 +18,8 @@ and 257 columns in one block and across several blocks, Tq != Tk, mask
 broadcast over batch and heads, causal, both, fully masked rows, NaN/inf rows
 (tests/kernels/test_softmax.py).
 
+Compiled (not run) for sm_90 with triton 3.6 and 3.9 (tests/kernels/compile_for_gpu.py).
+
 Known limits: no GPU run recorded yet (block/warp choices untuned); inputs of more
 than 4 dims are reshaped to 4 dims, which copies a broadcast mask.
 """
