@@ -151,3 +151,12 @@ def test_empty_training_split_is_one_line_error(shards_dir, tmp_path):
 def test_indivisible_batch_is_one_line_error(shards_dir, tmp_path):
     line = _one_line_error(run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"training.micro_batch": 3})))
     assert "training.global_batch (8) must be divisible by training.micro_batch (3) * dp (1)" in line
+
+
+def test_diverging_loss_stops_with_a_clear_error(shards_dir, tmp_path):
+    overrides = tiny_overrides(
+        tmp_path, shards_dir, **{"optim.lr": 1e6, "optim.warmup_steps": 1, "optim.grad_clip": 0.0}
+    )
+    line = _one_line_error(run_pretrain(overrides))
+    assert line.startswith("error: loss is nan at step") or line.startswith("error: loss is inf at step")
+    assert "lower optim.lr" in line and "training.resume=auto" in line
