@@ -52,7 +52,7 @@ def flash_attention(
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, doc_ids=doc_ids)
     if not use_triton(impl, q, k, v, doc_ids) or not triton_supports(q, k, v):
         return attention_sdpa(q, k, v, **kwargs)
-    from kernels.attention.kernel import FlashAttentionFunction, default_scale, select_config
+    from kernels.attention.function import FlashAttentionFunction, default_scale, select_config
 
     check_shapes(q, k, v)
     if doc_ids is not None and tuple(doc_ids.shape) != (q.shape[0], q.shape[2]):

@@ -105,7 +105,7 @@ def install_compiler(arch: int, ptxas_info: bool, compiled: list[str]) -> None:
 
 def launch_every_variant() -> None:
     """Call the real launchers with the variants the model and benchmarks use."""
-    from kernels.attention.kernel import flash_attention_backward, flash_attention_forward, select_config
+    from kernels.attention.function import flash_attention_backward, flash_attention_forward, select_config
     from kernels.cross_entropy.kernel import partials_triton, slice_grad_triton
     from kernels.norms.kernel import NormFunction
     from kernels.softmax.kernel import softmax_backward, softmax_forward

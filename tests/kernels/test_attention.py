@@ -98,7 +98,7 @@ def test_custom_scale_and_strided_inputs(device):
 
 
 def test_other_tile_shapes_give_same_result(device):
-    from kernels.attention.kernel import AttentionConfig, FlashAttentionFunction
+    from kernels.attention.function import AttentionConfig, FlashAttentionFunction
 
     q, k, v, doc_ids = make_inputs(1, 2, 1, 50, 32, torch.float32, device, docs=True)
     grad_out = torch.randn_like(q)
