@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -26,13 +27,17 @@ def test_param_count_matches_module(family, n_kv_heads):
 
 def test_param_count_gpt2_small_is_124m():
     # GPT-2 small: 124,439,808 parameters with the 50257-token vocabulary (Radford et al. 2019).
-    cfg = ModelConfig(family="gpt2", vocab_size=50257, n_layers=12, d_model=768, n_heads=12, seq_len=1024)
+    cfg = ModelConfig(
+        family="gpt2", vocab_size=50257, n_layers=12, d_model=768, n_heads=12, seq_len=1024, vocab_multiple=1
+    )
     assert param_count(cfg) == 124_439_808
+    # Megatron-style padding to a multiple of 128 adds 47 rows of 768.
+    assert param_count(dataclasses.replace(cfg, vocab_multiple=128)) == 124_439_808 + 47 * 768
 
 
 def test_flops_per_token_formula_by_hand():
     cfg = ModelConfig(family="gpt2", vocab_size=1000, n_layers=2, d_model=64, n_heads=4, seq_len=32)
-    n_mm = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 1000 * 64
+    n_mm = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 1024 * 64  # vocabulary padded to 8 * 128
     assert flops_per_token(cfg) == 6 * n_mm + 12 * 2 * 32 * 64
     assert flops_per_token(cfg, causal=True) == 6 * n_mm + 6 * 2 * 32 * 64
 
@@ -68,7 +73,7 @@ def test_families_tie_embeddings_as_documented():
     assert llama.head.weight is not llama.tok_emb.weight
     tied_llama = GPT(small("llama", tie_embeddings=True))
     assert tied_llama.head.weight is tied_llama.tok_emb.weight
-    assert param_count(small("llama")) - param_count(small("llama", tie_embeddings=True)) == 97 * 48
+    assert param_count(small("llama")) - param_count(small("llama", tie_embeddings=True)) == 128 * 48
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

@@ -38,12 +38,13 @@ class ModelConfig:
     n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention)
     ffn_hidden: int = 0  # 0: 4*d_model (gpt2) or the Llama 2/3*4*d rounded to 64 (llama)
     seq_len: int = 256
-    dropout: float = 0.0
+    dropout: float = 0.0  # hidden dropout: after the embedding and on each residual branch
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
     tie_embeddings: bool | None = None  # None: the family's default (gpt2 tied, llama untied)
     kernels: Literal["auto", "triton", "torch"] = "auto"
+    vocab_multiple: int = 128  # pad the vocabulary to a multiple of vocab_multiple * parallel.tp
 
 
 @dataclass

@@ -17,7 +17,7 @@ Conventions (printed next to every MFU number):
 from __future__ import annotations
 
 from megalm.config import ModelConfig
-from megalm.model.gpt import ties_embeddings
+from megalm.model.gpt import padded_vocab_size, ties_embeddings
 from megalm.model.layers import ffn_hidden_size
 
 
@@ -31,9 +31,10 @@ def matmul_params_per_layer(cfg: ModelConfig) -> int:
     return attn + mlp
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Exact number of trainable parameters of :class:`megalm.model.GPT`."""
-    C, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+def param_count(cfg: ModelConfig, tp: int = 1) -> int:
+    """Exact number of trainable parameters of :class:`megalm.model.GPT` (all TP shards
+    together), with the vocabulary padded as :func:`padded_vocab_size` does for ``tp``."""
+    C, V, L = cfg.d_model, padded_vocab_size(cfg, tp), cfg.n_layers
     kv = (cfg.n_kv_heads or cfg.n_heads) * (C // cfg.n_heads)
     H = ffn_hidden_size(cfg)
     per_layer = matmul_params_per_layer(cfg)
@@ -54,9 +55,9 @@ def param_count(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, causal: bool = False) -> float:
     """Training FLOPs per token: ``6 N_mm + 12 L T C`` (non-causal) or ``6 N_mm + 6 L T C``.
 
-    ``N_mm = L * matmul_params_per_layer + V * C`` (the head). See the module
-    docstring for the sources.
+    ``N_mm = L * matmul_params_per_layer + V * C`` (the head, padded vocabulary:
+    the padded columns are computed too). See the module docstring for the sources.
     """
-    n_mm = cfg.n_layers * matmul_params_per_layer(cfg) + cfg.vocab_size * cfg.d_model
+    n_mm = cfg.n_layers * matmul_params_per_layer(cfg) + padded_vocab_size(cfg) * cfg.d_model
     attn = 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
     return 6.0 * n_mm + (attn / 2 if causal else attn)

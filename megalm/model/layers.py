@@ -14,28 +14,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalm.config import ModelConfig
+from megalm.parallel.dropout import dropout
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
+from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * g``."""
+    """Root-mean-square norm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * g``.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    ``sp_group``: with sequence parallelism each rank normalizes its own tokens, so
+    the gain's gradient is summed over the TP group (:func:`copy_to_tp`).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, sp_group=None) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.sp_group = eps, sp_group
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C) -> (..., C); statistics in fp32."""
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * copy_to_tp(self.weight, self.sp_group).float()).to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al. 2016) with gain and bias; ``sp_group`` as in :class:`RMSNorm`."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, sp_group=None) -> None:
+        super().__init__()
+        self.eps, self.sp_group = eps, sp_group
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = copy_to_tp(self.weight, self.sp_group), copy_to_tp(self.bias, self.sp_group)
+        return F.layer_norm(x, (x.size(-1),), w, b, self.eps)
+
+
+def make_norm(cfg: ModelConfig, sp_group=None) -> nn.Module:
     """RMSNorm for llama, LayerNorm (with bias) for gpt2."""
     if cfg.family == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, sp_group)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, sp_group)
 
 
 class Rotary(nn.Module):
@@ -61,7 +82,7 @@ class Rotary(nn.Module):
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention ``softmax(q k^T / sqrt(hs) + M) v`` via SDPA.
 
     Args:
@@ -71,39 +92,62 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     Returns:
         (B, nh, T, hs).
     """
-    return F.scaled_dot_product_attention(
-        q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=k.size(1) != q.size(1)
-    )
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query causal self-attention (Ainslie et al. 2023 for GQA)."""
+    """Multi-head / grouped-query causal self-attention (Ainslie et al. 2023 for GQA).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Tensor parallel (Shoeybi et al. 2019, Fig. 3b): query heads are split over TP
+    ranks (``wq`` column-parallel, ``wo`` row-parallel). Key/value heads are split
+    too when ``n_kv_heads >= tp``; when ``n_kv_heads < tp`` each rank computes the
+    one K/V head its query heads use from a replicated ``wk``/``wv`` whose gradient
+    is summed over TP.
+    """
+
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_size = cfg.d_model // cfg.n_heads
+        tp = tp_size(group)
+        C, hs = cfg.d_model, cfg.d_model // cfg.n_heads
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.group, self.sequence_parallel, self.head_size = group, sequence_parallel, hs
+        self.local_heads = cfg.n_heads // tp
+        self.kv_replicated = n_kv < tp
+        self.local_kv_heads = 1 if self.kv_replicated else n_kv // tp
         bias = cfg.family == "gpt2"
-        kv_dim = self.n_kv_heads * self.head_size
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
-        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=bias)
-        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=bias)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
+        self.wq = ColumnParallelLinear(C, C, bias, group)
+        if self.kv_replicated:
+            # Whole (unsplit) projections on every rank: group=None.
+            self.wk = ColumnParallelLinear(C, n_kv * hs, bias, None)
+            self.wv = ColumnParallelLinear(C, n_kv * hs, bias, None)
+            kv_index = tp_rank(group) // (tp // n_kv)
+            self.kv_rows = slice(kv_index * hs, (kv_index + 1) * hs)
+        else:
+            self.wk = ColumnParallelLinear(C, n_kv * hs, bias, group)
+            self.wv = ColumnParallelLinear(C, n_kv * hs, bias, group)
+        self.wo = RowParallelLinear(C, C, bias, group, sequence_parallel)
         self.wo.residual_proj = True  # scaled init, see GPT._init_weights
-        self.rotary = Rotary(self.head_size, cfg.seq_len, cfg.rope_theta) if cfg.family == "llama" else None
-        self.dropout = cfg.dropout
+        self.rotary = Rotary(hs, cfg.seq_len, cfg.rope_theta) if cfg.family == "llama" else None
+
+    def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.kv_replicated:
+            return proj(x)
+        w = copy_to_tp(proj.weight, self.group)[self.kv_rows]
+        b = copy_to_tp(proj.bias, self.group)[self.kv_rows] if proj.bias is not None else None
+        return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
-        B, T, C = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
+        x = enter_tp(x, self.group, self.sequence_parallel)  # (B, T, C)
+        B, T, _ = x.shape
+        hs = self.head_size
+        q = self.wq(x).view(B, T, self.local_heads, hs).transpose(1, 2)  # (B, nh/tp, T, hs)
+        k = self._kv(self.wk, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
+        v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = attention(q, k, v)  # (B, nh/tp, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.local_heads * hs)  # (B, T, C/tp)
         return self.wo(y)
 
 
@@ -122,20 +166,25 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 
 
 class MLP(nn.Module):
-    """Position-wise MLP: SwiGLU ``W2 (silu(W1 x) * W3 x)`` (llama) or ``W2 gelu(W1 x)`` (gpt2)."""
+    """Position-wise MLP: SwiGLU ``W2 (silu(W1 x) * W3 x)`` (llama) or ``W2 gelu(W1 x)`` (gpt2).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Tensor parallel: ``W1``/``W3`` column-parallel, ``W2`` row-parallel, so the
+    nonlinearity runs on local columns without communication.
+    """
+
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
         super().__init__()
         hidden = ffn_hidden_size(cfg)
-        self.gated = cfg.family == "llama"
-        bias = not self.gated
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=bias)
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False) if self.gated else None
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=bias)
+        gated = cfg.family == "llama"
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.w1 = ColumnParallelLinear(cfg.d_model, hidden, not gated, group)
+        self.w3 = ColumnParallelLinear(cfg.d_model, hidden, False, group) if gated else None
+        self.w2 = RowParallelLinear(hidden, cfg.d_model, not gated, group, sequence_parallel)
         self.w2.residual_proj = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
+        x = enter_tp(x, self.group, self.sequence_parallel)
         if self.w3 is not None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
@@ -144,15 +193,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: ``x + Attn(N(x))`` then ``x + MLP(N(x))``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.sp_group = group if sequence_parallel else None
+        self.dropout = cfg.dropout
+        self.attn_norm = make_norm(cfg, self.sp_group)
+        self.attn = Attention(cfg, group, sequence_parallel)
+        self.mlp_norm = make_norm(cfg, self.sp_group)
+        self.mlp = MLP(cfg, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
-        x = x + self.drop(self.attn(self.attn_norm(x)))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
+        x = x + dropout(self.attn(self.attn_norm(x)), self.dropout, self.training, self.sp_group)
+        return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group)

@@ -1,0 +1,196 @@
+"""Tensor-parallel layers (Megatron-LM, Shoeybi et al. 2019, section 3).
+
+Every layer takes its TP process group explicitly (``None`` = no parallelism) and
+keeps only its shard. Sharded parameters carry ``tensor_model_parallel = True`` and
+``partition_dim`` so DeepSpeed's gradient-norm code counts them once per shard.
+Full tensors are initialized deterministically on every rank and sliced
+(:meth:`shard`), so a TP=N model has exactly the weights of the TP=1 model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    tp_rank,
+    tp_size,
+)
+
+
+def _mark(p: nn.Parameter, dim: int, group) -> nn.Parameter:
+    """Tag a parameter that is really split over a TP group of more than one rank."""
+    if tp_size(group) > 1:
+        p.tensor_model_parallel = True
+        p.partition_dim = dim
+    return p
+
+
+def enter_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """Input of a column-parallel region: all-gather the sequence (SP) or identity/all-reduce-grad."""
+    return gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+def exit_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """Output of a row-parallel region: reduce-scatter the sequence (SP) or all-reduce."""
+    return reduce_scatter_to_sp(x, group) if sequence_parallel else reduce_from_tp(x, group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with ``A`` split by output rows (Megatron: columns of ``A^T``).
+
+    ``A = [A_1; ...; A_p]``: rank ``i`` holds ``A_i`` (out/p, in) and ``b_i`` and computes
+    ``Y_i = X A_i^T + b_i``. The caller enters the TP region once (:func:`enter_tp`)
+    for all projections that share an input.
+
+    Shapes: x (B, T, in) -> (B, T, out/p).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group=None) -> None:
+        super().__init__()
+        tp = tp_size(group)
+        if out_features % tp:
+            raise ValueError(f"output size {out_features} is not divisible by tp({tp})")
+        self.group, self.in_features, self.out_features = group, in_features, out_features
+        self.weight = _mark(nn.Parameter(torch.empty(out_features // tp, in_features)), 0, group)
+        self.bias = _mark(nn.Parameter(torch.zeros(out_features // tp)), 0, group) if bias else None
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full (out, ...) tensor."""
+        return full.chunk(tp_size(self.group), dim=0)[tp_rank(self.group)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with ``A`` split by input columns and ``X = [X_1, ..., X_p]``.
+
+    Rank ``i`` computes ``X_i A_i^T``; the partial sums are all-reduced (or
+    reduce-scattered over the sequence with SP) and the replicated bias is added.
+
+    Shapes: x (B, T, in/p) -> (B, T, out), or (B, T/p, out) with sequence parallelism.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group=None, sequence_parallel: bool = False
+    ) -> None:
+        super().__init__()
+        tp = tp_size(group)
+        if in_features % tp:
+            raise ValueError(f"input size {in_features} is not divisible by tp({tp})")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _mark(nn.Parameter(torch.empty(out_features, in_features // tp)), 1, group)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of a full (out, in) tensor."""
+        return full.chunk(tp_size(self.group), dim=1)[tp_rank(self.group)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = exit_tp(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        if self.bias is None:
+            return y
+        # With SP each rank adds the bias to its own tokens only: sum its gradient over TP.
+        bias = copy_to_tp(self.bias, self.group) if self.sequence_parallel else self.bias
+        return y + bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (vocabulary) are split: rank ``i`` holds ``[start_i, end_i)``.
+
+    Tokens outside the local range look up zeros; the partial embeddings are
+    all-reduced (or reduce-scattered over the sequence with SP).
+
+    Shapes: tokens (B, T) -> (B, T, C), or (B, T/p, C) with sequence parallelism.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, group=None, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        tp = tp_size(group)
+        if num_embeddings % tp:
+            raise ValueError(f"vocabulary size {num_embeddings} is not divisible by tp({tp})")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.num_embeddings, self.dim = num_embeddings, dim
+        per_rank = num_embeddings // tp
+        self.vocab_start = tp_rank(group) * per_rank
+        self.vocab_end = self.vocab_start + per_rank
+        self.weight = _mark(nn.Parameter(torch.empty(per_rank, dim)), 0, group)
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        return full[self.vocab_start : self.vocab_end]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tp_size(self.group) == 1:
+            return F.embedding(tokens, self.weight)
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        emb = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return exit_tp(emb, self.group, self.sequence_parallel)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross entropy over vocabulary-sharded logits (Megatron ``cross_entropy.py``).
+
+    ``loss_n = log(sum_v exp(z_nv - m_n)) - (z_{n,y_n} - m_n)`` with the max ``m``, the
+    sum and the target logit each all-reduced over TP; the gradient
+    ``softmax(z) - onehot(y)`` is formed on the local shard only.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_start, n_valid):
+        z = logits.float()
+        if n_valid < vocab_start + z.size(-1):  # padded vocabulary columns never win
+            pad = torch.arange(vocab_start, vocab_start + z.size(-1), device=z.device) >= n_valid
+            z = z.masked_fill(pad, float("-inf"))
+        m = z.max(dim=-1).values
+        if tp_size(group) > 1:
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        z = z - m.unsqueeze(-1)
+        outside = (target < vocab_start) | (target >= vocab_start + z.size(-1))
+        local = (target - vocab_start).masked_fill(outside, 0)
+        picked = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = z.exp()
+        sum_exp = exp.sum(dim=-1)
+        if tp_size(group) > 1:
+            torch.distributed.all_reduce(picked, group=group)
+            torch.distributed.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - picked
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, local.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
+        return (grad * grad_loss.unsqueeze(-1)).to(ctx.in_dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group=None, vocab_start: int = 0, n_valid: int | None = None
+) -> torch.Tensor:
+    """Per-token loss from this rank's logit columns ``[vocab_start, vocab_start + V/p)``.
+
+    Args:
+        logits: (N, V/p) local logits. target: (N,) global token ids.
+        n_valid: real vocabulary size; columns at or past it (padding) are excluded.
+
+    Returns:
+        (N,) fp32 losses, identical on every TP rank.
+    """
+    n_valid = n_valid if n_valid is not None else vocab_start + logits.size(-1) * tp_size(group)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, n_valid)
+
+
+def gather_logits(local: torch.Tensor, group, n_valid: int) -> torch.Tensor:
+    """(..., V/p) local logits -> (..., n_valid) full logits without the padded columns."""
+    return gather_from_tp(local, group)[..., :n_valid]

@@ -1,0 +1,199 @@
+"""Tensor-parallel collectives as small named autograd functions (after Megatron ``mappings.py``).
+
+Each pair is conjugate: the backward of one is the forward of the other.
+
+=========================  =============================  =============================
+function                   forward                        backward
+=========================  =============================  =============================
+``copy_to_tp``             identity                       all-reduce
+``reduce_from_tp``         all-reduce                     identity
+``gather_from_tp``         all-gather, last dim           split, last dim
+``split_to_tp``            split, last dim                all-gather, last dim
+``gather_from_sp``         all-gather, sequence dim (1)   reduce-scatter, sequence dim
+``reduce_scatter_to_sp``   reduce-scatter, sequence dim   all-gather, sequence dim
+``split_to_sp``            split, sequence dim            all-gather, sequence dim
+=========================  =============================  =============================
+
+With ``group=None`` or a group of one rank every function is the identity, so a
+TP=1 model runs the same code without communication. Every collective adds its
+payload to :data:`COMM_BYTES` (keyed by operation) so benchmarks can report bytes
+moved per step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+COMM_BYTES: Counter[str] = Counter()
+
+
+def tp_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in ``group`` (1 for ``None``)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank(group: dist.ProcessGroup | None) -> int:
+    """This rank's index in ``group`` (0 for ``None``)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _count(op: str, t: torch.Tensor) -> None:
+    COMM_BYTES[op] += t.numel() * t.element_size()
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if tp_size(group) == 1:
+        return x
+    x = x.contiguous().clone()
+    _count("all_reduce", x)
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = tp_size(group)
+    if n == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    _count("all_gather", x)
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = tp_size(group)
+    if n == 1:
+        return x
+    if x.size(dim) % n:
+        raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by tp({n})")
+    return x.chunk(n, dim=dim)[tp_rank(group)].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = tp_size(group)
+    if n == 1:
+        return x
+    _count("reduce_scatter", x)
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter: reduce all, keep ours
+        full = x.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        return full.chunk(n, dim=dim)[tp_rank(group)].contiguous()
+    chunks = [c.contiguous() for c in x.chunk(n, dim=dim)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, -1, ctx.group), None
+
+
+class _SplitToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, -1, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, 1, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, 1, ctx.group), None
+
+
+class _SplitToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, 1, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward identity, backward all-reduce: enter a TP region (or share a replicated weight)."""
+    return _CopyToTP.apply(x, group) if tp_size(group) > 1 else x
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward all-reduce (sum of partial results), backward identity."""
+    return _ReduceFromTP.apply(x, group) if tp_size(group) > 1 else x
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """(..., n/tp) -> (..., n): forward all-gather of the last dim, backward split."""
+    return _GatherFromTP.apply(x, group) if tp_size(group) > 1 else x
+
+
+def split_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """(..., n) -> (..., n/tp): forward keep this rank's slice, backward all-gather."""
+    return _SplitToTP.apply(x, group) if tp_size(group) > 1 else x
+
+
+def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/tp, C) -> (B, T, C): forward all-gather, backward reduce-scatter."""
+    return _GatherFromSP.apply(x, group) if tp_size(group) > 1 else x
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T, C) partial sums -> (B, T/tp, C) reduced: forward reduce-scatter, backward all-gather."""
+    return _ReduceScatterToSP.apply(x, group) if tp_size(group) > 1 else x
+
+
+def split_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T, C) -> (B, T/tp, C): forward keep this rank's sequence slice, backward all-gather."""
+    return _SplitToSP.apply(x, group) if tp_size(group) > 1 else x
