@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megalm.train.metrics import read_metrics
-from tests.test_train import run_pretrain, tiny_overrides
+from tests.conftest import tiny_overrides
+from tests.launching import run_pretrain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from megalm.parallel import (
 )
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import VocabParallelEmbedding
+from tests.conftest import tiny_overrides
 from tests.distributed import run_distributed
+from tests.launching import assert_losses_equal, run_pretrain, step_losses
 
 V = 500  # pads to 512 for tp in {1, 2, 4}: the same weights at every degree
 
@@ -202,3 +205,58 @@ def test_tp_plan_matches_the_model():
                 assert isinstance(names[name], kinds[kind]), (name, plan)
             else:
                 assert not isinstance(names[name], tuple(kinds.values())), (name, plan)
+
+
+@pytest.mark.slow
+def test_tp2_dp2_zero1_training_equals_single_process(shards_dir, tmp_path):
+    """10 DeepSpeed steps at TP=2 x DP=2 (ZeRO-1, sequence parallel) == TP=1 x DP=1, same global batch;
+    clipping is active (grad_clip below the gradient norm), so the TP-aware norm is exercised too."""
+    common = {"training.max_steps": 10, "optim.grad_clip": 0.3, "training.sample_tokens": 0}
+    single = run_pretrain(tiny_overrides(tmp_path / "tp1", shards_dir, **common))
+    assert single.returncode == 0, single.stderr[-3000:]
+    run_pretrain(
+        tiny_overrides(
+            tmp_path / "tp2dp2",
+            shards_dir,
+            **common,
+            **{"parallel.tp": 2, "zero.stage": 1, "parallel.sequence_parallel": "true"},
+        ),
+        "deepspeed",
+        4,
+    )
+    assert_losses_equal(step_losses(tmp_path / "tp1"), step_losses(tmp_path / "tp2dp2"), range(1, 11))
+    run_pretrain(tiny_overrides(tmp_path / "tp2", shards_dir, **common, **{"parallel.tp": 2}), "torchrun", 2)
+    assert_losses_equal(step_losses(tmp_path / "tp1"), step_losses(tmp_path / "tp2"), range(1, 11))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tp=3"], "model.n_heads (4) must be divisible by parallel.tp (3)"),
+        (
+            ["parallel.tp=4", "model.n_kv_heads=3", "model.n_heads=12", "model.d_model=96"],
+            "model.n_kv_heads (3) and parallel.tp (4): one must divide the other",
+        ),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=63"],
+            "model.seq_len (63) must be divisible by parallel.tp (2)",
+        ),
+        (["parallel.tp=2", "model.ffn_hidden=33"], "MLP width (33) must be divisible by parallel.tp (2)"),
+    ],
+)
+def test_invalid_layouts_name_the_values(overrides, message):
+    from megalm.config import ConfigError, load_config
+    from megalm.parallel.validate import validate_layout
+
+    cfg = load_config(None, ["model.n_heads=4", "model.d_model=64", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_layout(cfg.model, cfg.parallel, 12)
+
+
+@pytest.mark.slow
+def test_world_size_mismatch_is_one_line_error_before_any_process_group(shards_dir, tmp_path):
+    proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"parallel.tp": 2}))  # a world of one
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: tp(2) * pp(1) * dp(1) != world_size(1): the world size must be a multiple of tp * pp = 2"
+    ]

@@ -13,35 +13,10 @@ from pathlib import Path
 import pytest
 
 from megalm.train.metrics import read_metrics
-from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env, tiny_overrides
+from tests.conftest import tiny_overrides
+from tests.launching import assert_losses_equal, run_pretrain, step_losses
 
 pytestmark = pytest.mark.slow
-CONFIG = str(ROOT / "configs" / "tiny.yaml")
-
-
-def run_pretrain(
-    overrides: list[str], launcher: str = "python", nproc: int = 1
-) -> subprocess.CompletedProcess:
-    script = [str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
-    if launcher == "python":
-        cmd = [PYTHON, *script]
-    elif launcher == "deepspeed":
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", "29533", *script]
-    else:
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29534", *script]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
-    assert proc.returncode == 0 or launcher == "python", proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
-
-
-def assert_losses_equal(a: dict[int, float], b: dict[int, float], steps: range, rel: float = 1e-5) -> None:
-    assert set(steps) <= a.keys() and set(steps) <= b.keys()
-    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
-    assert worst <= rel, f"max relative loss difference {worst:.2e} > {rel:.0e}"
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,13 @@ class GPT(nn.Module):
         B, T = tokens.shape
         if self.cfg.seq_len < T:
             raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
+        tp = tp_size(self.group)
+        if self.sequence_parallel and T % tp:
+            if labels is not None:
+                raise ValueError(f"sequence parallelism needs T ({T}) divisible by tp ({tp})")
+            # Inference on any length (e.g. sampling): right-pad; causal attention keeps the
+            # first T positions independent of the padding.
+            return self.forward(F.pad(tokens, (0, tp - T % tp)))[:, :T]
         x = self.tok_emb(tokens)  # (B, T, C), or (B, T/tp, C) with SP
         if self.pos_emb is not None:
             pos = torch.arange(T, device=tokens.device)

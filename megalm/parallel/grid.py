@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megalm.config import ConfigError
 
-class LayoutError(ValueError):
+
+class LayoutError(ConfigError):
     """A parallel layout that cannot be built; the message prints every factor."""
 
 

@@ -56,8 +56,12 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, An
     }
 
 
-def build_engine(cfg: Config, model: nn.Module, dp: int, device: torch.device):
+def build_engine(cfg: Config, model: nn.Module, dp: int, device: torch.device, mpu=None):
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
+
+    ``mpu``: :meth:`megalm.parallel.ParallelContext.as_mpu`, so DeepSpeed averages
+    gradients over the data-parallel group only and counts TP shards once in the
+    gradient norm.
 
     Returns:
         The ``DeepSpeedEngine`` (``engine(tokens, labels)`` gives the loss,
@@ -72,6 +76,7 @@ def build_engine(cfg: Config, model: nn.Module, dp: int, device: torch.device):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
+        mpu=mpu,
         config=deepspeed_config(cfg, dp, device),
     )
     return engine
