@@ -152,5 +152,6 @@ class GPT(nn.Module):
             self.group,
             tp_rank(self.group) * logits.size(-1),
             self.cfg.vocab_size,
+            self.cfg.kernels,
         )
         return loss.mean()

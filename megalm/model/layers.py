@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import flash_attention, layer_norm, rms_norm
 from megalm.config import ModelConfig
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
@@ -26,37 +27,36 @@ class RMSNorm(nn.Module):
     the gain's gradient is summed over the TP group (:func:`copy_to_tp`).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, sp_group=None) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, sp_group=None, kernels: str = "auto") -> None:
         super().__init__()
-        self.eps, self.sp_group = eps, sp_group
+        self.eps, self.sp_group, self.kernels = eps, sp_group, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C) -> (..., C); statistics in fp32."""
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * copy_to_tp(self.weight, self.sp_group).float()).to(x.dtype)
+        """x: (..., C) -> (..., C); statistics in fp32 (:func:`kernels.rms_norm`)."""
+        return rms_norm(x, copy_to_tp(self.weight, self.sp_group), self.eps, impl=self.kernels)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm (Ba et al. 2016) with gain and bias; ``sp_group`` as in :class:`RMSNorm`."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, sp_group=None) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, sp_group=None, kernels: str = "auto") -> None:
         super().__init__()
-        self.eps, self.sp_group = eps, sp_group
+        self.eps, self.sp_group, self.kernels = eps, sp_group, kernels
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., C) -> (..., C) (:func:`kernels.layer_norm`)."""
         w, b = copy_to_tp(self.weight, self.sp_group), copy_to_tp(self.bias, self.sp_group)
-        return F.layer_norm(x, (x.size(-1),), w, b, self.eps)
+        return layer_norm(x, w, b, self.eps, impl=self.kernels)
 
 
 def make_norm(cfg: ModelConfig, sp_group=None) -> nn.Module:
     """RMSNorm for llama, LayerNorm (with bias) for gpt2."""
     if cfg.family == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps, sp_group)
-    return LayerNorm(cfg.d_model, cfg.norm_eps, sp_group)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, sp_group, cfg.kernels)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, sp_group, cfg.kernels)
 
 
 class Rotary(nn.Module):
@@ -80,19 +80,6 @@ class Rotary(nn.Module):
         cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention ``softmax(q k^T / sqrt(hs) + M) v`` via SDPA.
-
-    Args:
-        q: (B, nh, T, hs); k, v: (B, nkv, T, hs) with ``nh % nkv == 0`` (GQA,
-            no repeated K/V materialized by the caller).
-
-    Returns:
-        (B, nh, T, hs).
-    """
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
 class Attention(nn.Module):
@@ -128,6 +115,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(C, C, bias, group, sequence_parallel)
         self.wo.residual_proj = True  # scaled init, see GPT._init_weights
         self.rotary = Rotary(hs, cfg.seq_len, cfg.rope_theta) if cfg.family == "llama" else None
+        self.kernels = cfg.kernels
 
     def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.kv_replicated:
@@ -146,7 +134,9 @@ class Attention(nn.Module):
         v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = attention(q, k, v)  # (B, nh/tp, T, hs)
+        # softmax(q k^T / sqrt(hs) + causal mask) v: FlashAttention-2 in Triton on CUDA, SDPA
+        # elsewhere (model.kernels); GQA without repeating K/V.
+        y = flash_attention(q, k, v, causal=True, impl=self.kernels)  # (B, nh/tp, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * hs)  # (B, T, C/tp)
         return self.wo(y)
 

@@ -136,59 +136,56 @@ class VocabParallelEmbedding(nn.Module):
         return exit_tp(emb, self.group, self.sequence_parallel)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross entropy over vocabulary-sharded logits (Megatron ``cross_entropy.py``).
-
-    ``loss_n = log(sum_v exp(z_nv - m_n)) - (z_{n,y_n} - m_n)`` with the max ``m``, the
-    sum and the target logit each all-reduced over TP; the gradient
-    ``softmax(z) - onehot(y)`` is formed on the local shard only.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, group, vocab_start, n_valid):
-        z = logits.float()
-        if n_valid < vocab_start + z.size(-1):  # padded vocabulary columns never win
-            pad = torch.arange(vocab_start, vocab_start + z.size(-1), device=z.device) >= n_valid
-            z = z.masked_fill(pad, float("-inf"))
-        m = z.max(dim=-1).values
-        if tp_size(group) > 1:
-            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
-        z = z - m.unsqueeze(-1)
-        outside = (target < vocab_start) | (target >= vocab_start + z.size(-1))
-        local = (target - vocab_start).masked_fill(outside, 0)
-        picked = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        exp = z.exp()
-        sum_exp = exp.sum(dim=-1)
-        if tp_size(group) > 1:
-            torch.distributed.all_reduce(picked, group=group)
-            torch.distributed.all_reduce(sum_exp, group=group)
-        loss = sum_exp.log() - picked
-        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
-        ctx.in_dtype = logits.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local, outside = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(-1, local.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
-        return (grad * grad_loss.unsqueeze(-1)).to(ctx.in_dtype), None, None, None, None
-
-
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, group=None, vocab_start: int = 0, n_valid: int | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group=None,
+    vocab_start: int = 0,
+    n_valid: int | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Per-token loss from this rank's logit columns ``[vocab_start, vocab_start + V/p)``.
 
+    ``loss_n = log(sum_v exp(z_nv)) - z_{n,y_n}`` with the row max, the sum of
+    exponentials and the target logit reduced over TP (Megatron ``cross_entropy.py``);
+    full-vocabulary logits never exist on one rank, and the backward is local.
+    The math lives in :func:`kernels.vocab_parallel_cross_entropy` (Triton on CUDA,
+    PyTorch elsewhere); this wrapper supplies the TP collectives and drops the padded
+    vocabulary columns (``>= n_valid``) so they never enter the softmax.
+
     Args:
         logits: (N, V/p) local logits. target: (N,) global token ids.
-        n_valid: real vocabulary size; columns at or past it (padding) are excluded.
+        n_valid: real vocabulary size (default: every column is real).
+        impl: ``model.kernels`` (``auto`` | ``triton`` | ``torch``).
 
     Returns:
         (N,) fp32 losses, identical on every TP rank.
     """
-    n_valid = n_valid if n_valid is not None else vocab_start + logits.size(-1) * tp_size(group)
-    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, n_valid)
+    from kernels import vocab_parallel_cross_entropy as kernel_vp_ce
+
+    tp = tp_size(group)
+    n_valid = n_valid if n_valid is not None else vocab_start + logits.size(-1) * tp
+    local_valid = min(logits.size(-1), max(0, n_valid - vocab_start))
+    if local_valid < logits.size(-1):
+        logits = logits[:, :local_valid]
+
+    def all_reduce(op):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            if tp > 1:
+                torch.distributed.all_reduce(t, op=op, group=group)
+            return t
+
+        return reduce
+
+    return kernel_vp_ce(
+        logits,
+        target,
+        vocab_start=vocab_start,
+        vocab_size=n_valid,
+        all_reduce_max=all_reduce(torch.distributed.ReduceOp.MAX),
+        all_reduce_sum=all_reduce(torch.distributed.ReduceOp.SUM),
+        impl=impl,
+    )
 
 
 def gather_logits(local: torch.Tensor, group, n_valid: int) -> torch.Tensor:
