@@ -260,3 +260,25 @@ def test_world_size_mismatch_is_one_line_error_before_any_process_group(shards_d
     assert proc.stderr.strip().splitlines() == [
         "error: tp(2) * pp(1) * dp(1) != world_size(1): the world size must be a multiple of tp * pp = 2"
     ]
+
+
+def _layer_bytes(rank: int, world: int) -> dict[bool, dict[str, int]]:
+    from megalm.parallel.comm_report import measure_layer_bytes
+
+    ctx = ParallelContext(ParallelDims.from_world(world, tp=world))
+    cfg = ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=4, seq_len=16)
+    return {sp: measure_layer_bytes(cfg, ctx.tp_group, sp, batch=3) for sp in (False, True)}
+
+
+@pytest.mark.slow
+def test_counted_layer_communication_equals_korthikanti_formula():
+    from megalm.parallel.comm_report import analytic_layer_bytes
+
+    measured = run_distributed(2, _layer_bytes)[0]
+    for sp in (False, True):
+        formula = analytic_layer_bytes(3, 16, 32, 2, sp)
+        assert sum(measured[sp].values()) == sum(formula.values())
+    assert set(measured[False]) == {"all_reduce"}
+    assert (
+        measured[True]["all_gather"] == measured[True]["reduce_scatter"] == measured[False]["all_reduce"] // 2
+    )

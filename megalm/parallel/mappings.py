@@ -15,9 +15,11 @@ function                   forward                        backward
 =========================  =============================  =============================
 
 With ``group=None`` or a group of one rank every function is the identity, so a
-TP=1 model runs the same code without communication. Every collective adds its
-payload to :data:`COMM_BYTES` (keyed by operation) so benchmarks can report bytes
-moved per step.
+TP=1 model runs the same code without communication. Every collective adds the
+bytes one rank sends under a ring algorithm to :data:`COMM_BYTES` (keyed by
+operation), so benchmarks can report bytes moved per step: all-reduce of ``S``
+bytes ``2 (n-1)/n S``; all-gather or reduce-scatter of a full tensor of ``S`` bytes
+``(n-1)/n S`` (Thakur et al. 2005; Korthikanti et al. 2022, section 4.2.2).
 """
 
 from __future__ import annotations
@@ -40,15 +42,17 @@ def tp_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _count(op: str, t: torch.Tensor) -> None:
-    COMM_BYTES[op] += t.numel() * t.element_size()
+def _count(op: str, full_bytes: int, n: int) -> None:
+    """Record the bytes one rank sends for ``op`` over a full tensor of ``full_bytes``."""
+    factor = 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+    COMM_BYTES[op] += round(factor * full_bytes)
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if tp_size(group) == 1:
         return x
     x = x.contiguous().clone()
-    _count("all_reduce", x)
+    _count("all_reduce", x.numel() * x.element_size(), tp_size(group))
     dist.all_reduce(x, group=group)
     return x
 
@@ -59,7 +63,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]
-    _count("all_gather", x)
+    _count("all_gather", n * x.numel() * x.element_size(), n)
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
 
@@ -77,7 +81,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     n = tp_size(group)
     if n == 1:
         return x
-    _count("reduce_scatter", x)
+    _count("reduce_scatter", x.numel() * x.element_size(), n)
     if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter: reduce all, keep ours
         full = x.contiguous().clone()
         dist.all_reduce(full, group=group)
