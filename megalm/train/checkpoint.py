@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalm.config import ConfigError
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 
@@ -106,13 +108,43 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], kee
     return path
 
 
-def load_checkpoint(engine, path: Path) -> dict[str, Any]:
-    """Collective: restore engine, RNG; return the megalm metadata saved with it."""
+def check_layout(path: Path, saved: dict[str, int] | None, current: dict[str, int]) -> None:
+    """Refuse a resume DeepSpeed cannot do, before it fails deep inside.
+
+    Model shards are per TP (and PP) rank, and ZeRO >= 1 partitions optimizer states
+    over data-parallel ranks, so those must match; plain data parallelism (ZeRO-0)
+    may change its size freely.
+    """
+    if saved is None:
+        return
+    keys = ["tp", "pp", "zero"] + (["dp"] if current["zero"] >= 1 or saved.get("zero", 0) >= 1 else [])
+    if any(saved.get(k) != current[k] for k in keys):
+
+        def fmt(d: dict) -> str:
+            return " ".join(f"{k}={d.get(k)}" for k in ("tp", "pp", "dp", "zero"))
+
+        raise LayoutMismatchError(
+            f"checkpoint '{path}' was saved with {fmt(saved)} but this run has {fmt(current)}; resume "
+            f"with the same {', '.join(keys)} or start fresh with training.resume=never"
+        )
+
+
+class LayoutMismatchError(ConfigError):
+    """A checkpoint written under another parallel layout."""
+
+
+def load_checkpoint(engine, path: Path, layout: dict[str, int] | None = None) -> dict[str, Any]:
+    """Collective: restore engine, RNG; return the megalm metadata saved with it.
+
+    ``layout``: this run's ``{tp, pp, dp, zero}``, checked against the saved one first.
+    """
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(
             f"checkpoint '{path}' is incomplete or missing (no {COMPLETE} marker); "
             "pass another training.resume path or training.resume=never"
         )
+    if layout is not None and (path / "meta.json").is_file():
+        check_layout(path, json.loads((path / "meta.json").read_text()).get("layout"), layout)
     load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint '{path}'")
