@@ -125,6 +125,22 @@ class DistConfig:
 
 
 @dataclass
+class PreemptConfig:
+    """Stopping cleanly when the scheduler preempts the job (``megalm/train/preempt.py``).
+
+    Any of ``signals`` on any rank stops every rank at the same step boundary; they
+    save a checkpoint, rank 0 requeues the Slurm job when ``requeue`` is set, and
+    every rank exits with ``exit_code``. A save that would end later than
+    ``grace_s`` after the signal is abandoned (the previous checkpoint stays valid).
+    """
+
+    signals: str = "SIGUSR1,SIGTERM"  # comma-separated; empty: no handlers
+    grace_s: float = 120.0
+    requeue: bool = True
+    exit_code: int = 75  # EX_TEMPFAIL: stopped early on purpose, run again to continue
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of one run."""
 
@@ -137,3 +153,4 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)

@@ -27,6 +27,7 @@ from megalm.train.dist import DistInfo, init_distributed
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
 from megalm.train.metrics import MetricsLog, memory_gb, peak_flops
 from megalm.train.plot import plot_loss
+from megalm.train.preempt import Preemption
 from megalm.train.step import engine_step
 
 
@@ -101,6 +102,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         # Everything that can be checked without a process group fails here, fast.
         check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.preempt = Preemption(cfg.preempt)  # first, so an early SIGUSR1 does not kill the rank
         manifest = load_manifest(cfg.data.dir)
         self.cfg = resolve_vocab(cfg, manifest)
         self.info = info = init_distributed(self.cfg)
@@ -266,6 +268,11 @@ class Trainer:
             if step % t.save_interval == 0 or step == t.max_steps:
                 self._save(step)
             result.step = step
+            if step < t.max_steps and self.preempt.should_stop():  # collective: same step on every rank
+                if log:
+                    log.close()
+                raise SystemExit(self.preempt.stop(step, self._save, step % t.save_interval == 0))
+        self.preempt.close()
         if last_val_step != result.step:
             result.final_val_loss = self.evaluate()
         if t.sample_tokens > 0:

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster on localhost, for tests and for trying launch/slurm/ out.
+#
+#   launch/slurm/local_cluster.sh start DIR   install (Debian, as root) and start munged, slurmctld, slurmd
+#   launch/slurm/local_cluster.sh stop DIR    stop the daemons started from DIR
+#
+# Everything lives under DIR: slurm.conf, state, spool, logs, pid files. Clients must see
+# SLURM_CONF=DIR/slurm.conf (printed on success). The node gets every CPU of the machine,
+# proctrack/linuxproc and task/none (no cgroups needed, so it runs in containers), and
+# JobRequeue=1 so `#SBATCH --requeue` jobs can be requeued. Exit codes: 0 started,
+# 3 cannot run here (not root, no apt-get, install failed: the reason is on stderr),
+# 1 started but not healthy (logs are printed).
+set -euo pipefail
+
+cmd=${1:?usage: $0 start|stop DIR}
+dir=$(realpath -m "${2:?usage: $0 start|stop DIR}")
+conf="$dir/slurm.conf"
+
+stop() {
+    for name in slurmd slurmctld munged; do
+        if [[ -f "$dir/$name.pid" ]]; then
+            pid=$(cat "$dir/$name.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -9 "$pid" 2>/dev/null || true
+            rm -f "$dir/$name.pid"
+        fi
+    done
+}
+
+cant() { echo "local_cluster: $*" >&2; exit 3; }
+
+install() {
+    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && return
+    [[ $(id -u) == 0 ]] || cant "slurm-wlm/munge are not installed and this is not root"
+    command -v apt-get >/dev/null || cant "slurm-wlm/munge are not installed and there is no apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 300 apt-get update -qq >"$dir/apt.log" 2>&1 || cant "apt-get update failed: $(tail -3 "$dir/apt.log")"
+    timeout 600 apt-get install -y -qq slurm-wlm munge >>"$dir/apt.log" 2>&1 ||
+        cant "apt-get install slurm-wlm munge failed: $(tail -3 "$dir/apt.log")"
+}
+
+start() {
+    [[ $(id -u) == 0 ]] || cant "the local cluster runs its daemons as root; this is uid $(id -u)"
+    mkdir -p "$dir"/{state,spool,munge}
+    install
+    stop
+    host=$(hostname -s)
+    cpus=$(nproc)
+    mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2))
+    cat >"$conf" <<EOF
+ClusterName=megalm-local
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CryptoType=crypto/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobRequeue=1
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmctldPort=${SLURMCTLD_PORT:-6817}
+SlurmdPort=${SLURMD_PORT:-6818}
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+KillWait=30
+MinJobAge=600
+NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+    export SLURM_CONF="$conf"
+    # munged: its own socket/pid/log under DIR so a system munged (if any) is left alone.
+    key=/etc/munge/munge.key
+    if [[ ! -s $key ]]; then
+        mkdir -p /etc/munge
+        (command -v mungekey >/dev/null && mungekey --create --keyfile="$key") ||
+            dd if=/dev/urandom of="$key" bs=1 count=1024 status=none
+        chmod 400 "$key"
+    fi
+    munged --force --socket="$dir/munge/munge.socket" --pid-file="$dir/munged.pid" \
+        --log-file="$dir/munged.log" --seed-file="$dir/munge/seed" --key-file="$key"
+    # Slurm's auth/munge plugin reads the socket path from AuthInfo.
+    sed -i "s|^AuthType=auth/munge|AuthType=auth/munge\nAuthInfo=socket=$dir/munge/munge.socket|" "$conf"
+    slurmctld -i -f "$conf"
+    slurmd -f "$conf"
+    for _ in $(seq 60); do
+        if state=$(sinfo -h -o %T 2>/dev/null) && [[ $state == idle* ]]; then
+            echo "SLURM_CONF=$conf"
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "local_cluster: slurm did not become idle in 30 s (sinfo: ${state:-none})" >&2
+    tail -n 20 "$dir"/*.log >&2 || true
+    return 1
+}
+
+case $cmd in
+start) start ;;
+stop) stop ;;
+*) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+esac
