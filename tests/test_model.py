@@ -68,11 +68,11 @@ def test_initial_loss_is_near_uniform_and_residual_init_is_scaled():
 
 def test_families_tie_embeddings_as_documented():
     gpt2 = GPT(small("gpt2"))
-    assert gpt2.head.weight is gpt2.tok_emb.weight
+    assert gpt2.head is None  # logits come from embed.tok_emb.weight
     llama = GPT(small("llama"))
-    assert llama.head.weight is not llama.tok_emb.weight
-    tied_llama = GPT(small("llama", tie_embeddings=True))
-    assert tied_llama.head.weight is tied_llama.tok_emb.weight
+    assert llama.head.proj.weight.shape == llama.embed.tok_emb.weight.shape
+    assert not torch.equal(llama.head.proj.weight, llama.embed.tok_emb.weight)
+    assert GPT(small("llama", tie_embeddings=True)).head is None
     assert param_count(small("llama")) - param_count(small("llama", tie_embeddings=True)) == 128 * 48
 
 

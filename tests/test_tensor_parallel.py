@@ -150,7 +150,7 @@ def test_padded_vocabulary_is_masked_out_of_loss_and_logits():
     assert padded_vocab_size(cfg, 1) == 512 and padded_vocab_size(cfg, 8) == 1024
     torch.manual_seed(0)
     model = GPT(cfg)
-    assert model.tok_emb.weight.shape[0] == 512
+    assert model.embed.tok_emb.weight.shape[0] == 512
     x = torch.randint(0, V, (2, 16))
     logits = model(x)
     assert logits.shape == (2, 16, V)

@@ -51,8 +51,8 @@ def padded_vocab_size(cfg: ModelConfig, tp: int = 1) -> int:
 # How tensor parallelism splits each module (Shoeybi et al. 2019). Checked against
 # the model by tests/test_tensor_parallel.py.
 TP_PLAN = {
-    "tok_emb": "vocab",  # VocabParallelEmbedding: rows split, partial lookups all-reduced
-    "pos_emb": "replicated",
+    "embed.tok_emb": "vocab",  # VocabParallelEmbedding: rows split, partial lookups all-reduced
+    "embed.pos_emb": "replicated",
     "blocks.*.attn_norm": "replicated (sequence-split with SP)",
     "blocks.*.attn.wq": "column",
     "blocks.*.attn.wk": "column (replicated when n_kv_heads < tp)",
@@ -62,9 +62,138 @@ TP_PLAN = {
     "blocks.*.mlp.w1": "column",
     "blocks.*.mlp.w3": "column",
     "blocks.*.mlp.w2": "row",
-    "norm": "replicated (sequence-split with SP)",
-    "head": "column over the vocabulary (tied to tok_emb for gpt2), vocab-parallel cross entropy",
+    "final_norm.norm": "replicated (sequence-split with SP)",
+    "head.proj": "column over the vocabulary (llama; gpt2 reuses embed.tok_emb), vocab-parallel loss",
 }
+
+
+def _init_module(module: nn.Module, cfg: ModelConfig) -> None:
+    """N(0, init_std) for weights; residual output projections get ``init_std / sqrt(2 n_layers)``
+    (GPT-2, Radford et al. 2019, section 2.3; Megatron-LM ``scaled_init_method_normal``).
+    Biases zero, norm gains one. Sharded weights are drawn at full size and sliced, so
+    any TP degree gives the TP=1 weights."""
+    std = cfg.init_std
+    if getattr(module, "residual_proj", False):
+        std = std / math.sqrt(2 * cfg.n_layers)
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        full = torch.empty(module.out_features, module.in_features)
+        module.weight.data.copy_(module.shard(nn.init.normal_(full, 0.0, std)))
+    elif isinstance(module, VocabParallelEmbedding):
+        full = torch.empty(module.num_embeddings, module.dim)
+        module.weight.data.copy_(module.shard(nn.init.normal_(full, 0.0, std)))
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, 0.0, std)
+    if getattr(module, "bias", None) is not None and not isinstance(module, LayerNorm):
+        nn.init.zeros_(module.bias)
+
+
+def init_component(component: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialize one component from its own seed, leaving the global RNG untouched.
+
+    Every component (embedding, each block, head) has a seed of its own, so a
+    pipeline stage that builds only some of them gets exactly the weights the
+    whole model has (DeepSpeed's ``seed_layers`` idea, with explicit seeds).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in component.modules():
+            _init_module(module, cfg)
+
+
+def component_seed(init_seed: int, index: int) -> int:
+    """Seed of component ``index``: 0 embedding, 1..L blocks, L+1 head."""
+    return (init_seed * 1_000_003 + index) % 2**63
+
+
+class Embedding(nn.Module):
+    """Tokens (B, T) -> hidden states (B, T, C), or (B, T/tp, C) with sequence parallelism.
+
+    Vocabulary-parallel token embedding, learned positions (gpt2), hidden dropout.
+    With tied embeddings its :meth:`logits` is the output head.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__()
+        tp = tp_size(tp_group)
+        self.cfg, self.group = cfg, tp_group
+        self.sequence_parallel = sequence_parallel and tp > 1
+        self.sp_group = tp_group if self.sequence_parallel else None
+        self.tok_emb = VocabParallelEmbedding(
+            padded_vocab_size(cfg, tp), cfg.d_model, tp_group, self.sequence_parallel
+        )
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+        init_component(self, cfg, seed)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.size(1)
+        x = self.tok_emb(tokens)  # (B, T, C), or (B, T/tp, C) with SP
+        if self.pos_emb is not None:
+            pos = torch.arange(T, device=tokens.device)
+            if self.sequence_parallel:  # this rank's tokens; the table's gradient is summed over TP
+                pos = pos.chunk(tp_size(self.group))[tp_rank(self.group)]
+            x = x + F.embedding(pos, copy_to_tp(self.pos_emb.weight, self.sp_group))
+        return dropout(x, self.cfg.dropout, self.training, self.sp_group)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp)."""
+        return F.linear(x, self.tok_emb.weight)
+
+
+class FinalNorm(nn.Module):
+    """Last norm, then leave the sequence-parallel region: (B, T/tp or T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.group, self.sequence_parallel = tp_group, sequence_parallel and tp_size(tp_group) > 1
+        self.norm = make_norm(cfg, tp_group if self.sequence_parallel else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return enter_tp(self.norm(x), self.group, self.sequence_parallel)
+
+
+class Head(nn.Module):
+    """Untied output head: (B, T, C) -> local logits (B, T, V_padded/tp), column-parallel."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0) -> None:
+        super().__init__()
+        self.proj = ColumnParallelLinear(
+            cfg.d_model, padded_vocab_size(cfg, tp_size(tp_group)), False, tp_group
+        )
+        init_component(self, cfg, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class LMLoss:
+    """Mean next-token cross entropy from local logits (vocabulary-parallel, padding masked).
+
+    Called as ``loss(logits, labels)`` with logits (B, T, V_padded/tp), labels (B, T).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group=None) -> None:
+        self.cfg, self.group = cfg, tp_group
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        B, T, v_local = logits.shape
+        loss = vocab_parallel_cross_entropy(
+            logits.reshape(B * T, v_local),
+            labels.reshape(B * T),
+            self.group,
+            tp_rank(self.group) * v_local,
+            self.cfg.vocab_size,
+            self.cfg.kernels,
+        )
+        return loss.mean()
+
+
+def build_block(cfg: ModelConfig, tp_group, sequence_parallel: bool, seed: int) -> Block:
+    """One transformer block initialized from its own seed."""
+    block = Block(cfg, tp_group, sequence_parallel)
+    init_component(block, cfg, seed)
+    return block
 
 
 class GPT(nn.Module):
@@ -72,54 +201,36 @@ class GPT(nn.Module):
 
     ``forward(tokens, labels)`` returns the mean next-token cross entropy;
     ``forward(tokens)`` returns logits (B, T, V) over the real (unpadded) vocabulary.
+    The components are the same objects the pipeline-parallel model is built from
+    (``megalm/train/pipeline.py``): one model definition.
 
     Args:
         cfg: model shape.
         tp_group: tensor-parallel process group (``None``: unsharded model).
         sequence_parallel: split the residual stream over the sequence within the
             TP group (Korthikanti et al. 2022); norms and dropout run on T/tp tokens.
+        init_seed: seeds every component's initialization; ``None`` draws it from the
+            global RNG (so ``torch.manual_seed(s); GPT(cfg)`` is deterministic).
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, init_seed: int | None = None
+    ) -> None:
         super().__init__()
         validate_model_config(cfg)
+        if init_seed is None:
+            init_seed = int(torch.randint(0, 2**62, (1,)).item())
         tp = tp_size(tp_group)
         self.cfg, self.group = cfg, tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.sp_group = tp_group if self.sequence_parallel else None
-        self.vocab_padded = padded_vocab_size(cfg, tp)
-        self.tok_emb = VocabParallelEmbedding(
-            self.vocab_padded, cfg.d_model, tp_group, self.sequence_parallel
+        L = cfg.n_layers
+        self.embed = Embedding(cfg, tp_group, sequence_parallel, component_seed(init_seed, 0))
+        self.blocks = nn.ModuleList(
+            build_block(cfg, tp_group, sequence_parallel, component_seed(init_seed, 1 + i)) for i in range(L)
         )
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.family == "gpt2" else None
-        self.blocks = nn.ModuleList(Block(cfg, tp_group, self.sequence_parallel) for _ in range(cfg.n_layers))
-        self.norm = make_norm(cfg, self.sp_group)
-        self.head = ColumnParallelLinear(cfg.d_model, self.vocab_padded, False, tp_group)
-        if ties_embeddings(cfg):
-            self.head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """N(0, init_std) for weights; residual output projections get
-        ``init_std / sqrt(2 n_layers)`` (GPT-2, Radford et al. 2019, section 2.3;
-        Megatron-LM ``scaled_init_method_normal``). Biases zero, norm gains one.
-        Sharded weights are drawn at full size from the same RNG stream on every
-        rank and sliced, so any TP degree gives the TP=1 weights."""
-        std = self.cfg.init_std
-        if getattr(module, "residual_proj", False):
-            std = std / math.sqrt(2 * self.cfg.n_layers)
-        if module is self.head and ties_embeddings(self.cfg):
-            return
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            full = torch.empty(module.out_features, module.in_features)
-            module.weight.data.copy_(module.shard(nn.init.normal_(full, 0.0, std)))
-        elif isinstance(module, VocabParallelEmbedding):
-            full = torch.empty(module.num_embeddings, module.dim)
-            module.weight.data.copy_(module.shard(nn.init.normal_(full, 0.0, std)))
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, std)
-        if getattr(module, "bias", None) is not None and not isinstance(module, LayerNorm):
-            nn.init.zeros_(module.bias)
+        self.final_norm = FinalNorm(cfg, tp_group, sequence_parallel)
+        self.head = None if ties_embeddings(cfg) else Head(cfg, tp_group, component_seed(init_seed, L + 1))
+        self.loss = LMLoss(cfg, tp_group)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, labels: (B, T) int64. Returns logits (B, T, V) or a scalar loss."""
@@ -133,25 +244,11 @@ class GPT(nn.Module):
             # Inference on any length (e.g. sampling): right-pad; causal attention keeps the
             # first T positions independent of the padding.
             return self.forward(F.pad(tokens, (0, tp - T % tp)))[:, :T]
-        x = self.tok_emb(tokens)  # (B, T, C), or (B, T/tp, C) with SP
-        if self.pos_emb is not None:
-            pos = torch.arange(T, device=tokens.device)
-            if self.sequence_parallel:  # this rank's tokens; the table's gradient is summed over TP
-                pos = pos.chunk(tp_size(self.group))[tp_rank(self.group)]
-            x = x + F.embedding(pos, copy_to_tp(self.pos_emb.weight, self.sp_group))
-        x = dropout(x, self.cfg.dropout, self.training, self.sp_group)
+        x = self.embed(tokens)  # (B, T, C), or (B, T/tp, C) with SP
         for block in self.blocks:
             x = block(x)
-        x = enter_tp(self.norm(x), self.group, self.sequence_parallel)  # (B, T, C)
-        logits = self.head(x)  # (B, T, V_padded/tp)
+        x = self.final_norm(x)  # (B, T, C)
+        logits = self.head(x) if self.head is not None else self.embed.logits(x)  # (B, T, V_padded/tp)
         if labels is None:
             return gather_logits(logits, self.group, self.cfg.vocab_size)
-        loss = vocab_parallel_cross_entropy(
-            logits.view(B * T, -1),
-            labels.reshape(B * T),
-            self.group,
-            tp_rank(self.group) * logits.size(-1),
-            self.cfg.vocab_size,
-            self.cfg.kernels,
-        )
-        return loss.mean()
+        return self.loss(logits, labels)
