@@ -1,22 +1,40 @@
-"""Read documents from text inputs: ``.txt`` (one file = one document) and ``.jsonl``.
+"""Read raw documents: ``.txt`` (one file = one document), ``.jsonl[.gz|.zst]`` and ``.parquet``.
 
 Paths may be files, directories (searched recursively) or globs; the expanded
 list is sorted so every run reads documents in the same order.
+
+Reading is split in two so the expensive half runs in worker processes:
+:func:`read_records` (main process) yields :class:`Record` s holding raw bytes
+and where they came from; :func:`decode_record` (worker) turns one into text,
+applying the bad-input policy to invalid JSON, a missing text field, non-UTF-8
+bytes and empty documents.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
 class InputError(ValueError):
     """An input path or record that cannot be read as documents."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw document: ``kind`` is ``txt`` (bytes), ``json`` (a JSON line) or ``text`` (a str)."""
+
+    kind: str
+    payload: bytes | str
+    where: str  # "file" or "file:line" / "file:row", for messages
+    done_bytes: int  # input bytes consumed so far (all files), for progress and ETA
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -38,25 +56,95 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return sorted(files)
 
 
-def read_documents(files: list[Path], text_key: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of ``files`` in order."""
+def _open_lines(path: Path, raw: io.BufferedReader) -> io.BufferedReader:
+    if path.name.endswith(".gz"):
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw))
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return raw
+
+
+def read_records(files: list[Path], text_key: str = "text") -> Iterator[Record]:
+    """Yield the raw documents of ``files`` in order (no decoding or validation yet)."""
+    before = 0
     for path in files:
+        size = path.stat().st_size
         if path.name.endswith(".txt"):
-            text = path.read_bytes().decode("utf-8", errors="replace")
-            if text.strip():
-                yield text
-            continue
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                if text_key not in record:
-                    raise InputError(f"{path}:{lineno}: no '{text_key}' field; pass --text-key")
-                text = record[text_key]
-                if isinstance(text, str) and text.strip():
-                    yield text
+            yield Record("txt", path.read_bytes(), str(path), before + size)
+        elif path.name.endswith(".parquet"):
+            yield from _parquet_records(path, text_key, before, size)
+        else:
+            with open(path, "rb") as raw, _open_lines(path, raw) as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield Record("json", line, f"{path}:{lineno}", before + raw.tell())
+        before += size
+
+
+def _parquet_records(path: Path, text_key: str, before: int, size: int) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_key not in pf.schema_arrow.names:
+        raise InputError(
+            f"{path}: no '{text_key}' column (columns: {pf.schema_arrow.names}); pass --text-key"
+        )
+    total, row = max(1, pf.metadata.num_rows), 0
+    for batch in pf.iter_batches(columns=[text_key], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            where = f"{path}:row {row}"
+            payload = value if isinstance(value, str | bytes) else "" if value is None else None
+            if payload is None:
+                raise InputError(f"{where}: '{text_key}' is {type(value).__name__}, not text")
+            yield Record(
+                "txt" if isinstance(payload, bytes) else "text", payload, where, before + size * row // total
+            )
+
+
+def decode_record(rec: Record, text_key: str, on_bad_input: str) -> tuple[str | None, str]:
+    """The document text of ``rec``, or ``(None, reason)`` for a counted skip.
+
+    Empty documents are always skipped (they hold no tokens). Under ``raise`` every
+    other problem is an :class:`InputError` naming the file and line.
+    """
+    try:
+        if rec.kind == "text":
+            text = rec.payload
+        elif rec.kind == "txt":
+            text = rec.payload.decode("utf-8")
+        else:
+            try:
+                record = json.loads(rec.payload.decode("utf-8"))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{rec.where}: not valid JSON ({e.msg})", "bad_json") from e
+            if not isinstance(record, dict) or text_key not in record:
+                raise InputError(f"{rec.where}: no '{text_key}' field; pass --text-key", "missing_key")
+            text = record[text_key]
+            if not isinstance(text, str):
+                raise InputError(f"{rec.where}: '{text_key}' is {type(text).__name__}, not text", "not_text")
+    except UnicodeDecodeError as e:
+        err = InputError(
+            f"{rec.where}: not UTF-8 (byte {e.start}: {e.reason}); fix the file or pass --on-bad-input skip",
+            "non_utf8",
+        )
+        if on_bad_input == "raise":
+            raise err from None
+        return None, "non_utf8"
+    except InputError as e:
+        if on_bad_input == "raise":
+            raise InputError(e.args[0]) from None
+        return None, e.args[1]
+    if not text.strip():
+        return None, "empty"
+    return text, ""
+
+
+def read_documents(files: list[Path], text_key: str = "text", on_bad_input: str = "raise") -> Iterator[str]:
+    """Yield the non-empty documents of ``files`` in order (single process; the tokenizer trainer)."""
+    for rec in read_records(files, text_key):
+        text, _ = decode_record(rec, text_key, on_bad_input)
+        if text is not None:
+            yield text

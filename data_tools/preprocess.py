@@ -1,16 +1,25 @@
 """Tokenize documents in parallel into webdataset ``.tar`` shards plus ``manifest.json``.
 
 One sample per document: ``<key>.ids.npy`` holds its token ids (uint16 when the
-vocabulary fits, else uint32; no EOS — the loader inserts it between documents).
-A document goes to the validation split when a hash of its text falls under
+vocabulary fits, else uint32; no EOS: the loader inserts it between documents).
+Each shard gets a sidecar ``<shard>.index.npy`` (byte offset and length of every
+document's tokens) so the loader memory-maps shards without scanning them. A
+document goes to the validation split when a hash of its text falls under
 ``--val-fraction``, so the split does not depend on input order or worker count.
-Same inputs and settings give byte-identical shards (fixed tar metadata, ordered
-results).
+Same inputs and settings give byte-identical shards (fixed tar metadata, results
+consumed in input order).
+
+The pipeline, stage by stage (:func:`preprocess`)::
+
+    read_records      main     raw bytes + file:line, in input order
+    _batched          main     lists of ``batch_docs`` records
+    pool.imap(_encode) workers  decode/validate, tokenize, val split, npy-encode
+    _write            main     tar members, progress (docs/s, tokens/s, ETA)
 
 Usage::
 
     python -m data_tools.preprocess --input PATH... --tokenizer T --output DIR \\
-        [--text-key text] [--workers N] [--shard-tokens N] [--val-fraction F]
+        [--text-key text] [--workers N] [--shard-tokens N] [--val-fraction F] [--on-bad-input raise|skip]
 """
 
 from __future__ import annotations
@@ -20,24 +29,27 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import os
 import shutil
+import tarfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
-from data_tools.inputs import InputError, expand_inputs, read_documents
+from data_tools.inputs import InputError, Record, decode_record, expand_inputs, read_records
 from data_tools.train_tokenizer import EOS, PAD, load_tokenizer
 
-MANIFEST_VERSION = 1
-_worker_tokenizer = None
+MANIFEST_VERSION = 2
+_worker: dict = {}
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -52,19 +64,37 @@ def is_val(text: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") < fraction * 2**64
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
+def _init_worker(tokenizer_path: str, settings: dict) -> None:
+    # One thread per worker: parallelism comes from the processes, not from rayon inside each.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(settings, tokenizer=load_tokenizer(tokenizer_path))
 
 
-def _encode(batch: list[str]) -> list[list[int]]:
-    return [e.ids for e in _worker_tokenizer.encode_batch(batch, add_special_tokens=False)]
+def _encode(batch: list[Record]) -> tuple[int, list[tuple[str, bool, bytes, int]]]:
+    """Worker stage: input bytes done, and per record ``(skip reason or "", is_val, npy bytes, n_tokens)``."""
+    texts, out = [], []
+    for rec in batch:
+        text, reason = decode_record(rec, _worker["text_key"], _worker["on_bad_input"])
+        out.append((reason, False, b"", 0))
+        if text is not None:
+            texts.append((len(out) - 1, text))
+    encodings = _worker["tokenizer"].encode_batch([t for _, t in texts], add_special_tokens=False)
+    dtype = _worker["dtype"]
+    for (i, text), enc in zip(texts, encodings, strict=True):
+        if not enc.ids:
+            out[i] = ("empty", False, b"", 0)
+            continue
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(enc.ids, dtype=dtype), allow_pickle=False)
+        out[i] = ("", is_val(text, _worker["val_fraction"]), buf.getvalue(), len(enc.ids))
+    return batch[-1].done_bytes, out
 
 
-def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for d in docs:
-        batch.append(d)
+def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    batch: list[Record] = []
+    for r in records:
+        batch.append(r)
         if len(batch) == size:
             yield batch
             batch = []
@@ -72,39 +102,86 @@ def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-class ShardWriter:
-    """Writes ``<split>-NNNNN.tar`` shards of at most ``shard_tokens`` tokens each."""
+def _bounded(items: Iterable, slots: threading.BoundedSemaphore) -> Iterator:
+    for item in items:
+        slots.acquire()
+        yield item
 
-    def __init__(self, output: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.output, self.split, self.dtype, self.shard_tokens = output, split, dtype, shard_tokens
+
+def _released(items: Iterable, slots: threading.BoundedSemaphore) -> Iterator:
+    for item in items:
+        slots.release()
+        yield item
+
+
+class ShardWriter:
+    """Writes ``<split>-NNNNN.tar`` shards of at most ``shard_tokens`` tokens each, plus index sidecars.
+
+    Plain ustar members with fixed metadata (mtime 0, owner megalm), so equal
+    inputs give equal bytes; webdataset reads them as ordinary shards.
+    """
+
+    def __init__(self, output: Path, split: str, shard_tokens: int) -> None:
+        self.output, self.split, self.shard_tokens = output, split, shard_tokens
         self.shards: list[dict] = []
-        self._writer: wds.TarWriter | None = None
-        self._stream = None
+        self._tar: tarfile.TarFile | None = None
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.tar"
-        self._stream = open(self.output / name, "wb")
-        self._writer = wds.TarWriter(self._stream, mtime=0.0, user="megalm", group="megalm")
+        self._tar = tarfile.open(self.output / name, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"file": name, "split": self.split, "documents": 0, "tokens": 0})
 
-    def write(self, ids: list[int]) -> None:
-        if self._writer is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+    def write(self, npy: bytes, n_tokens: int) -> None:
+        """Append one document (its ``.npy`` bytes)."""
+        if self._tar is None or self.shards[-1]["tokens"] >= self.shard_tokens:
             self.close()
             self._open()
         shard = self.shards[-1]
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(ids, dtype=self.dtype), allow_pickle=False)
-        self._writer.write({"__key__": f"{shard['documents']:09d}", "ids.npy": buf.getvalue()})
+        info = tarfile.TarInfo(f"{shard['documents']:09d}.ids.npy")
+        info.size, info.mode, info.uname, info.gname = len(npy), 0o444, "megalm", "megalm"
+        self._tar.addfile(info, io.BytesIO(npy))
         shard["documents"] += 1
-        shard["tokens"] += len(ids)
+        shard["tokens"] += n_tokens
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._stream.close()
-            self._writer = None
+        """Finish the open shard: checksum and index sidecar."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
             shard = self.shards[-1]
-            shard["sha256"] = sha256_file(self.output / shard["file"])
+            path = self.output / shard["file"]
+            shard["sha256"] = sha256_file(path)
+            write_index(path)
+
+
+def write_index(path: Path) -> Path:
+    """Write ``<shard>.index.npy`` (see ``megalm.data.shards``) by scanning the shard's headers."""
+    from megalm.data.shards import scan_shard  # here, not at import: workers need not load torch
+
+    sidecar = path.with_name(path.name + ".index.npy")
+    with open(sidecar, "wb") as f:
+        np.save(f, scan_shard(path), allow_pickle=False)
+    return sidecar
+
+
+def _write(
+    results: Iterable[tuple[int, list]], writers: dict[str, ShardWriter], bar: tqdm, total_bytes: int
+) -> dict:
+    """Main stage: write documents in input order; count skips; keep the progress bar current."""
+    stats, start = Counter(), time.perf_counter()
+    for done_bytes, encoded in results:
+        for reason, val, npy, n in encoded:
+            if reason:
+                stats[f"skipped_{reason}"] += 1
+                continue
+            writers["val" if val else "train"].write(npy, n)
+            stats["documents"] += 1
+            stats["tokens"] += n
+        bar.update(done_bytes - bar.n)
+        dt = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{stats['documents'] / dt:,.0f} docs/s, {stats['tokens'] / dt:,.0f} tok/s")
+    bar.update(total_bytes - bar.n)
+    return dict(stats)
 
 
 def preprocess(
@@ -116,8 +193,14 @@ def preprocess(
     shard_tokens: int = 50_000_000,
     val_fraction: float = 0.0,
     batch_docs: int = 64,
+    on_bad_input: str = "raise",
+    progress: bool | None = None,
 ) -> dict:
-    """Tokenize ``inputs`` into shards under ``output``; returns the manifest dict."""
+    """Tokenize ``inputs`` into shards under ``output``; returns the manifest dict.
+
+    Raises:
+        InputError: unreadable inputs, no documents, or bad input under ``on_bad_input="raise"``.
+    """
     files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size()
@@ -131,25 +214,33 @@ def preprocess(
     if tok_src.resolve() != (output / "tokenizer.json").resolve():
         shutil.copyfile(tok_src, output / "tokenizer.json")
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    writers = {s: ShardWriter(output, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(output, s, shard_tokens) for s in ("train", "val")}
+    settings = {
+        "text_key": text_key,
+        "on_bad_input": on_bad_input,
+        "val_fraction": val_fraction,
+        "dtype": dtype,
+    }
+    total_bytes = sum(f.stat().st_size for f in files)
 
-    docs = list(read_documents(files, text_key))
-    if not docs:
-        raise InputError(f"the inputs {inputs} hold no non-empty documents (text key '{text_key}')")
-    batches = list(_batched(docs, batch_docs))
-    start, n_tokens = time.perf_counter(), 0
-    bar = tqdm(total=len(docs), unit="doc", desc="tokenize", disable=None)
-    with mp.get_context("spawn").Pool(max(1, workers), _init_worker, (str(tok_src),)) as pool:
-        for texts, ids_list in zip(batches, pool.imap(_encode, batches), strict=True):
-            for text, ids in zip(texts, ids_list, strict=True):
-                if ids:
-                    writers["val" if is_val(text, val_fraction) else "train"].write(ids)
-                    n_tokens += len(ids)
-            bar.update(len(texts))
-            bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - start):,.0f}")
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="tokenize",
+        disable=None if progress is None else not progress,
+    )  # None: only on a terminal
+    in_flight = threading.BoundedSemaphore(4 * max(1, workers))  # read ahead a few batches, not the corpus
+    with mp.get_context("spawn").Pool(max(1, workers), _init_worker, (str(tok_src), settings)) as pool:
+        records = read_records(files, text_key)
+        batches = _bounded(_batched(records, batch_docs), in_flight)
+        encoded = pool.imap(_encode, batches)
+        stats = _write(_released(encoded, in_flight), writers, bar, total_bytes)
     bar.close()
     for w in writers.values():
         w.close()
+    if not stats.get("documents"):
+        raise InputError(f"the inputs {inputs} hold no non-empty documents (text key '{text_key}')")
     manifest = {
         "version": MANIFEST_VERSION,
         "tokenizer": {
@@ -160,6 +251,9 @@ def preprocess(
             "pad_id": pad_id,
         },
         "dtype": dtype.name,
+        "skipped": {
+            k.removeprefix("skipped_"): v for k, v in sorted(stats.items()) if k.startswith("skipped_")
+        },
         "shards": writers["train"].shards + writers["val"].shards,
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -175,6 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=max(1, mp.cpu_count()))
     p.add_argument("--shard-tokens", type=int, default=50_000_000)
     p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument(
+        "--on-bad-input",
+        choices=("raise", "skip"),
+        default="raise",
+        help="invalid JSON, a missing text field, non-UTF-8 bytes: stop (naming file:line) or skip "
+        "and count; empty documents are always skipped and counted",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -186,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             args.workers,
             args.shard_tokens,
             args.val_fraction,
+            on_bad_input=args.on_bad_input,
         )
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
@@ -195,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{split}: {len(shards)} shards, {sum(s['documents'] for s in shards)} documents, "
             f"{sum(s['tokens'] for s in shards):,} tokens"
         )
+    if m["skipped"]:
+        print("skipped: " + ", ".join(f"{n} {k}" for k, n in m["skipped"].items()))
     print(f"wrote {args.output}/manifest.json in {time.perf_counter() - t0:.1f}s")
 
 

@@ -123,7 +123,7 @@ def test_missing_and_corrupt_shards_name_the_file(shards_dir, tmp_path):
         read_documents(load_manifest(bad), "train", verify=False)
     (bad / victim).unlink()
     with pytest.raises(DataError, match=f"{victim}' is listed in .* but missing"):
-        load_manifest(bad)
+        read_documents(load_manifest(bad), "train")
     with pytest.raises(DataError, match="does not exist; build it with `make data`"):
         load_manifest(tmp_path / "nowhere")
 
@@ -165,3 +165,22 @@ def test_jsonl_without_text_key_names_the_line(tmp_path):
 
     with pytest.raises(InputError, match="x.jsonl:1: no 'text' field; pass --text-key"):
         list(read_inputs([bad]))
+
+
+def test_shards_are_plain_webdataset_and_the_index_matches_a_scan(shards_dir):
+    import io
+
+    import webdataset as wds
+
+    from megalm.data import scan_shard
+
+    m = load_manifest(shards_dir)
+    shard = m.split("train")[0]
+    path = shards_dir / shard["file"]
+    samples = list(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()))
+    docs = read_documents(m, "train")[: shard["documents"]]
+    assert len(samples) == shard["documents"]
+    assert all(
+        np.array_equal(np.load(io.BytesIO(s["ids.npy"])), d) for s, d in zip(samples, docs, strict=True)
+    )
+    assert np.array_equal(np.load(path.with_name(path.name + ".index.npy")), scan_shard(path))

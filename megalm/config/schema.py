@@ -49,10 +49,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Tokenized webdataset shards written by ``data_tools.preprocess``."""
+    """Tokenized webdataset shards written by ``data_tools.preprocess``.
+
+    ``blend`` mixes several shard directories for training in exact proportions,
+    ``"0.7:data/web,0.3:data/code"`` (``dir`` still provides the tokenizer and the
+    held-out split); empty means train on ``dir`` alone. ``on_bad_data``: ``raise``
+    stops on a missing, corrupt or undecodable shard naming the file; ``skip`` leaves
+    it out, logs and counts it (the list is saved in checkpoints).
+    """
 
     dir: str = "data/stdlib/shards"
     seed: int = 1234
+    blend: str = ""
+    workers: int = 0  # processes per rank building micro-batches (0: in the training process)
+    on_bad_data: Literal["raise", "skip"] = "raise"
+    verify: bool = True  # check every shard's sha256 against the manifest when opening it
 
 
 @dataclass

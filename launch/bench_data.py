@@ -1,0 +1,156 @@
+"""Data pipeline benchmark: preprocessing and loader throughput against bare baselines.
+
+1. Preprocessing: ``data_tools.preprocess`` with ``--workers W`` end to end (read
+   JSON lines, tokenize, val split, write tar shards, checksums, index) versus
+   ``tokenizers``' own ``encode_batch`` on the same texts in one process (Rust
+   threads on all cores), already in memory. Goal: ratio >= 0.8.
+2. Loader: ``TrainBatches.step_batches()`` (global order, packing, int64 tensors)
+   in one process versus slicing the same number of tokens as windows out of a
+   flat numpy memmap of the train split and converting them the same way.
+   Goal: >= 1M tokens/s per process.
+
+Usage: ``python launch/bench_data.py [--mb 16] [--workers 2] [--seq-len 2048] [--output FILE.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_tools.megatron import export_megatron  # noqa: E402
+from data_tools.preprocess import preprocess  # noqa: E402
+from data_tools.stdlib_corpus import build_corpus  # noqa: E402
+from data_tools.train_tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from megalm.data import TrainBatches, load_manifest, open_split  # noqa: E402
+
+
+def bench_preprocess(work: Path, mb: float, workers: int, vocab: int) -> dict:
+    corpus, n_docs, n_bytes = build_corpus(work / "corpus", max_mb=mb)
+    tok_path = train_tokenizer([str(corpus)], vocab, work / "tok")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    tok = load_tokenizer(tok_path)
+    tok.encode_batch(texts[:8], add_special_tokens=False)  # warm the thread pool
+    t0 = time.perf_counter()
+    raw_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    raw_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m = preprocess(
+        [str(corpus)],
+        tok_path,
+        work / "shards",
+        workers=workers,
+        shard_tokens=2_000_000,
+        val_fraction=0.01,
+        progress=False,
+    )
+    ours_s = time.perf_counter() - t0
+    ours_tokens = sum(s["tokens"] for s in m["shards"])
+    assert ours_tokens == raw_tokens, (ours_tokens, raw_tokens)
+    return {
+        "documents": n_docs,
+        "bytes": n_bytes,
+        "tokens": raw_tokens,
+        "raw_encode_batch_tok_s": raw_tokens / raw_s,
+        "preprocess_tok_s": ours_tokens / ours_s,
+        "preprocess_s": ours_s,
+        "raw_s": raw_s,
+        "ratio": raw_s / ours_s,
+    }
+
+
+def bench_loader(shards: Path, seq_len: int, micro: int, seconds: float) -> dict:
+    manifest = load_manifest(shards)
+    export_megatron(shards, str(shards / "flat"), "train", append_eos=True)  # the same EOS-joined stream
+    flat = np.memmap(shards / "flat.bin", dtype=np.dtype(manifest.dtype), mode="r")
+    windows = open_split(manifest, "train", seq_len)
+    loader = TrainBatches(windows, 0, micro, micro, 0, 1)
+
+    def ours() -> int:
+        ((x, _),) = loader.step_batches()
+        return x.numel()
+
+    order = np.random.default_rng(0).permutation(len(windows))
+    state = {"i": 0}
+
+    def memmap() -> int:
+        idx = order[np.arange(state["i"], state["i"] + micro) % len(order)]
+        state["i"] += micro
+        w = torch.from_numpy(
+            np.stack([flat[i * seq_len : i * seq_len + seq_len + 1] for i in idx]).astype(np.int64)
+        )
+        x = w[:, :-1]
+        return x.numel()
+
+    out = {"windows": len(windows), "seq_len": seq_len, "micro_batch": micro}
+    for name, fn in (("loader", ours), ("memmap", memmap), ("loader_2", ours), ("memmap_2", memmap)):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            n += fn()
+        out[f"{name}_tok_s"] = n / (time.perf_counter() - t0)
+    out["loader_tok_s"] = max(out.pop("loader_2_tok_s"), out["loader_tok_s"])
+    out["memmap_tok_s"] = max(out.pop("memmap_2_tok_s"), out["memmap_tok_s"])
+    out["ratio"] = out["loader_tok_s"] / out["memmap_tok_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mb", type=float, default=16.0, help="stdlib corpus size")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=3.0, help="per loader measurement")
+    p.add_argument("--output", type=Path, default=Path("runs/bench_data.json"))
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = bench_preprocess(Path(tmp), args.mb, args.workers, args.vocab_size)
+        load = bench_loader(Path(tmp) / "shards", args.seq_len, args.micro_batch, args.seconds)
+    result = {
+        "cpus": os.cpu_count(),
+        "workers": args.workers,
+        "preprocess": pre,
+        "loader": load,
+        "goals": {"preprocess_ratio": 0.8, "loader_tok_s": 1e6},
+    }
+    rows = [
+        (
+            "preprocess, tok/s",
+            f"{pre['preprocess_tok_s']:,.0f}",
+            f"{pre['raw_encode_batch_tok_s']:,.0f}",
+            f"{pre['ratio']:.2f}",
+            ">= 0.8",
+        ),
+        (
+            "loader, tok/s/process",
+            f"{load['loader_tok_s']:,.0f}",
+            f"{load['memmap_tok_s']:,.0f}",
+            f"{load['ratio']:.2f}",
+            ">= 1M tok/s",
+        ),
+    ]
+    print(
+        f"corpus {pre['bytes'] / 1e6:.1f} MB, {pre['documents']} documents, {pre['tokens']:,} tokens; "
+        f"{args.workers} workers on {os.cpu_count()} CPUs; loader T={args.seq_len} micro={args.micro_batch}"
+    )
+    print(f"{'':24}{'megalm':>14}{'baseline':>14}{'ratio':>8}  goal")
+    for name, ours, base, ratio, goal in rows:
+        print(f"{name:24}{ours:>14}{base:>14}{ratio:>8}  {goal}")
+    print("baselines: tokenizers encode_batch (in memory, all cores); numpy memmap window slicing")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

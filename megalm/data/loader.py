@@ -1,0 +1,300 @@
+"""Per-rank micro-batches from the global order, optionally built by DataLoader workers.
+
+The pipeline, one generator stage per line of :meth:`TrainBatches._pipeline`:
+
+1. ``_steps``: from the saved state (samples consumed, per-dataset counts), the
+   global batch of every optimizer step as (dataset, window) pairs: the blend
+   schedule picks the dataset, that dataset's epoch permutation the window;
+2. ``_rank_slice``: this data-parallel rank's micro-batches of each step, the
+   positions ``j*m*dp + dp_rank*m + [0, m)`` of micro-batch ``j``, so the samples
+   of a step do not depend on ``dp`` or ``m`` (equal losses across layouts);
+3. ``_materialize``: windows gathered from the memory-mapped shards into
+   tensors, in the main process (``workers=0``) or in worker processes, which
+   take micro-batches as they free up and hand them back in order (at most two
+   per worker in flight).
+
+Every micro-batch travels with the state *after* its step, and the main process
+records it only when the trainer has taken the whole step, so ``state_dict()``
+is exact whatever the workers had prefetched: the workers are stateless and a
+resume restarts them at the recorded position. Ranks are split by
+``(dp_rank, dp_size)``, never by global rank and never by shard, so TP/PP peers
+get identical batches, there is no hang with fewer shards than ranks x workers,
+and every rank yields the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megalm.data.order import BlendSchedule, GlobalOrderSampler
+from megalm.data.packed import PackedWindows
+from megalm.data.shards import DataError
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """One micro-batch to build: its (dataset, window) picks and the state after its step (or None)."""
+
+    datasets: np.ndarray
+    windows: np.ndarray
+    state_after: tuple[int, tuple[int, ...]] | None
+
+
+class _Builder:
+    """Turns a :class:`_MicroBatch` into tensors; what each worker process runs."""
+
+    def __init__(self, sources: list[PackedWindows], with_ids: bool) -> None:
+        self.sources, self.with_ids = sources, with_ids
+
+    def __getitem__(self, mb: _MicroBatch) -> tuple[tuple[torch.Tensor, ...], _MicroBatch]:
+        if len(self.sources) == 1:
+            return self.sources[0].batch(mb.windows, self.with_ids), mb
+        rows = [
+            self.sources[k].batch(np.array([w]), self.with_ids)
+            for k, w in zip(mb.datasets, mb.windows, strict=True)
+        ]
+        return tuple(torch.cat(parts) for parts in zip(*rows, strict=True)), mb
+
+
+_worker_builder: _Builder | None = None
+
+
+def _init_worker(builder: _Builder) -> None:
+    global _worker_builder
+    _worker_builder = builder
+
+
+def _build(mb: _MicroBatch) -> tuple[list[np.ndarray], _MicroBatch]:
+    """Worker side: the micro-batch as numpy arrays (cheap to send back)."""
+    tensors, _ = _worker_builder[mb]
+    return [t.numpy() for t in tensors], mb
+
+
+def _acquire(items: Iterator, slots: threading.BoundedSemaphore, stop: threading.Event) -> Iterator:
+    """Runs in the pool's task thread: hand out an item when a slot frees up, until ``stop``."""
+    for item in items:
+        while not slots.acquire(timeout=0.05):
+            if stop.is_set() or not threading.main_thread().is_alive():  # closed, or interpreter exit
+                return
+        yield item
+
+
+def _release(items: Iterator, slots: threading.BoundedSemaphore) -> Iterator:
+    for item in items:
+        slots.release()
+        yield item
+
+
+class TrainBatches:
+    """Micro-batches of one data-parallel rank over one or a blend of datasets.
+
+    Args:
+        windows: a :class:`PackedWindows`, or one per blended dataset.
+        seed: ``data.seed``; dataset ``k`` of a blend permutes with ``seed + k``.
+        global_batch: sequences per optimizer step (all ranks together).
+        micro_batch: sequences per forward pass on this rank.
+        dp_rank: this rank's data-parallel index.
+        dp_size: data-parallel degree.
+        weights: blend weights, one per dataset (default: equal).
+        workers: worker processes building micro-batches (0: build them in this process).
+        with_ids: also return ``position_ids`` and ``doc_ids`` per micro-batch.
+    """
+
+    def __init__(
+        self,
+        windows: PackedWindows | list[PackedWindows],
+        seed: int,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        weights: list[float] | None = None,
+        workers: int = 0,
+        with_ids: bool = False,
+    ) -> None:
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError(
+                f"training.global_batch ({global_batch}) must be divisible by "
+                f"training.micro_batch ({micro_batch}) * dp ({dp_size})"
+            )
+        self.sources = list(windows) if isinstance(windows, list | tuple) else [windows]
+        self.schedule = BlendSchedule(weights or [1.0] * len(self.sources))
+        if len(self.schedule.weights) != len(self.sources):
+            raise ValueError(f"{len(self.sources)} datasets but {len(self.schedule.weights)} blend weights")
+        self.seed = seed
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.accum = global_batch // (micro_batch * dp_size)
+        self.workers, self.with_ids = workers, with_ids
+        self.consumed = 0  # global samples consumed by completed steps
+        self.counts = [0] * len(self.sources)  # of which from each dataset
+        self._reset()
+
+    def _reset(self) -> None:
+        self.close()
+        self.samplers = [GlobalOrderSampler(len(w), self.seed + k) for k, w in enumerate(self.sources)]
+        self._it: Iterator | None = None
+
+    # -- the pipeline --------------------------------------------------------------------
+    def _steps(self) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
+        return _steps(self.schedule, self.samplers, self.global_batch, self.consumed, list(self.counts))
+
+    def _rank_slice(self, steps: Iterator) -> Iterator[_MicroBatch]:
+        return _rank_slice(steps, self.micro_batch, self.dp_size, self.dp_rank, self.accum)
+
+    def _materialize(self, micro_batches: Iterator[_MicroBatch]) -> Iterator:
+        builder = _Builder(self.sources, self.with_ids)
+        if self.workers == 0:
+            return (builder[mb] for mb in micro_batches)
+        # forkserver: no fork of a process whose other threads may hold locks (DeepSpeed, gloo).
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["megalm.data.loader"])
+        self._pool = ctx.Pool(self.workers, _init_worker, (builder,))
+        slots = threading.BoundedSemaphore(2 * self.workers)  # prefetch two micro-batches per worker
+        self._stop = threading.Event()
+        built = self._pool.imap(_build, _acquire(micro_batches, slots, self._stop))
+        return ((tuple(torch.from_numpy(a) for a in arrays), mb) for arrays, mb in _release(built, slots))
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``step_batches`` starts new ones)."""
+        if getattr(self, "_pool", None) is not None:
+            self._stop.set()
+            self._pool.terminate()
+            self._pool = None
+        self._it = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _pipeline(self) -> Iterator:
+        steps = self._steps()
+        micro_batches = self._rank_slice(steps)
+        return self._materialize(micro_batches)
+
+    # -- what the trainer calls ----------------------------------------------------------
+    def step_batches(self) -> list[tuple[torch.Tensor, ...]]:
+        """The ``accum`` micro-batches of this rank for the next optimizer step.
+
+        Each is (tokens, labels), or with ``with_ids`` (tokens, labels, position_ids,
+        doc_ids); every tensor is (micro_batch, seq_len) int64.
+        """
+        if self._it is None:
+            self._it = self._pipeline()
+        out = []
+        for _ in range(self.accum):
+            batch, mb = next(self._it)
+            out.append(batch)
+        self.consumed, counts = mb.state_after
+        self.counts = list(counts)
+        return out
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs completed (of the most-repeated dataset in a blend)."""
+        return max(c / len(w) for c, w in zip(self.counts, self.sources, strict=True))
+
+    @property
+    def skipped(self) -> list[dict[str, list[str]]]:
+        """Per dataset, the shards and documents the bad-data policy left out."""
+        return [_skipped(w) for w in self.sources]
+
+    def state_dict(self) -> dict:
+        """The exact position: samples consumed, per-dataset counts, and what identifies the data."""
+        return {
+            "consumed": self.consumed,
+            "counts": list(self.counts),
+            "seed": self.seed,
+            "n_windows": [len(w) for w in self.sources],
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``, at this (possibly different) data-parallel size.
+
+        If the checkpointed run skipped bad shards or documents that this run reads
+        fine, they are left out again so the order is the same.
+
+        Raises:
+            DataError: the data or seed differ from the checkpoint's.
+        """
+        saved_skips = state.get("skipped", self.skipped)
+        if saved_skips != self.skipped:
+            self.sources = [_reopen(w, s) for w, s in zip(self.sources, saved_skips, strict=True)]
+            if saved_skips != self.skipped:
+                raise DataError(
+                    f"the checkpoint skipped {saved_skips}, this run skips {self.skipped}; "
+                    "restore the original shards or start fresh with training.resume=never"
+                )
+        n_windows = [len(w) for w in self.sources]
+        saved_n = state["n_windows"] if isinstance(state["n_windows"], list) else [state["n_windows"]]
+        if saved_n != n_windows or state["seed"] != self.seed:
+            raise DataError(
+                f"checkpoint was made on data with {saved_n} windows and seed {state['seed']}, this run has "
+                f"{n_windows} and {self.seed}; resume with the same data.dir, data.seed and model.seq_len, "
+                "or start fresh with training.resume=never"
+            )
+        self.consumed = state["consumed"]
+        self.counts = list(state.get("counts", [state["consumed"]]))
+        self._reset()
+
+
+# The stages are plain functions: a generator that held ``self`` would keep the loader alive
+# from the worker pool's feeder thread, and it could never be closed by garbage collection.
+def _steps(
+    schedule: BlendSchedule,
+    samplers: list[GlobalOrderSampler],
+    global_batch: int,
+    consumed: int,
+    counts: list[int],
+) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
+    """(dataset, window) of every sample of each global batch, and the state after it."""
+    while True:
+        which, local, after = schedule.assign(consumed, counts, global_batch)
+        windows = np.empty(global_batch, dtype=np.int64)
+        for k, sampler in enumerate(samplers):
+            mask = which == k
+            windows[mask] = sampler.indices(counts[k], int(mask.sum()))  # local positions are consecutive
+        consumed, counts = consumed + global_batch, after
+        yield which, windows, (consumed, tuple(counts))
+
+
+def _rank_slice(steps: Iterator, m: int, dp: int, dp_rank: int, accum: int) -> Iterator[_MicroBatch]:
+    """This rank's micro-batches: positions ``j*m*dp + dp_rank*m + [0, m)``."""
+    for which, windows, state in steps:
+        for j in range(accum):
+            s = slice(j * m * dp + dp_rank * m, j * m * dp + dp_rank * m + m)
+            yield _MicroBatch(which[s], windows[s], state if j == accum - 1 else None)
+
+
+def _skipped(windows: PackedWindows) -> dict[str, list[str]]:
+    bad = getattr(windows.docs, "bad", None)
+    return {k: sorted(v) for k, v in bad.skipped.items()} if bad else {"shards": [], "documents": []}
+
+
+def _reopen(windows: PackedWindows, exclude: dict[str, list[str]]) -> PackedWindows:
+    """The same split with ``exclude`` left out; raises if this run skips something the checkpoint did not."""
+    new_bad = [x for k in ("shards", "documents") for x in _skipped(windows)[k] if x not in exclude[k]]
+    if new_bad or not hasattr(windows.docs, "reopen"):
+        raise DataError(
+            f"this run skips {new_bad}, which the checkpoint read; the global order would "
+            "change: restore those files or start fresh with training.resume=never"
+        )
+    return PackedWindows(windows.docs.reopen(exclude), windows.seq_len, windows.eos_id)
+
+
+def eval_batches(
+    windows: PackedWindows, n_samples: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n_samples`` windows (wrapping if fewer), rank ``d`` taking every dp-th.
+
+    ``n_samples`` must be a multiple of ``micro_batch * dp_size`` so every rank runs
+    the same number of forward passes (required under ZeRO-3).
+    """
+    idx = np.arange(dp_rank, n_samples, dp_size) % len(windows)
+    return [windows.batch(idx[i : i + micro_batch]) for i in range(0, len(idx), micro_batch)]
