@@ -1,0 +1,187 @@
+"""Preemption and failure handling of real 2-rank training jobs on CPU/gloo.
+
+The ranks are started directly with the ``env://`` variables (no launcher that
+would kill the survivors for us), so each rank's own exit code and timing is
+what gets checked. The Slurm path (requeue, resume, equal losses) is in
+tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from megalm.train.checkpoint import find_latest
+from megalm.train.metrics import read_metrics
+from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+
+pytestmark = pytest.mark.slow
+CONFIG = str(ROOT / "configs" / "tiny.yaml")
+EXIT_PREEMPTED = 75
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(overrides: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """``world`` ranks of launch/pretrain.py, wired by hand like any env:// launcher."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = subprocess_env() | {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        cmd = [PYTHON, str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    steps = [r["step"] for r in read_metrics(path) if "loss" in r] if path.exists() else []
+    return max(steps, default=0)
+
+
+def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run_dir) < step:
+        for p in procs:
+            if p.poll() is not None:
+                out = p.stdout.read() if p.stdout else ""
+                pytest.fail(f"a rank exited ({p.returncode}) before step {step}:\n{out[-3000:]}")
+        assert time.monotonic() < deadline, f"no step {step} in {timeout}s"
+        time.sleep(0.05)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, float]]:
+    """(exit code, output, seconds until exit) per rank; kills what outlives ``timeout``."""
+    t0, out = time.monotonic(), []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        out.append((p.returncode, text, time.monotonic() - t0))
+    return out
+
+
+def test_signal_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(shards_dir, tmp_path):
+    procs = start_ranks(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 200}))
+    wait_for_step(tmp_path, 3, procs)
+    t0 = time.monotonic()
+    os.kill(procs[1].pid, signal.SIGUSR1)  # only rank 1 is told
+    results = finish(procs, 120)
+    stop_s = time.monotonic() - t0
+    assert [r[0] for r in results] == [EXIT_PREEMPTED] * 2, results[0][1][-3000:] + results[1][1][-3000:]
+    stopped = last_step(tmp_path)
+    assert 3 <= stopped < 200
+    latest = find_latest(tmp_path / "checkpoints")
+    assert latest is not None and latest.name == f"step_{stopped:08d}"
+    assert json.loads((latest / "meta.json").read_text())["step"] == stopped
+    assert sorted(p.name for p in (latest / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == latest.name
+    assert f"preempt | a signal on another rank: stopping after step {stopped}" in results[0][1]
+    print(f"signal -> both ranks exited: {stop_s:.2f}s (stopped at step {stopped})")
+
+
+def test_grace_budget_exceeded_keeps_the_previous_checkpoint(shards_dir, tmp_path):
+    overrides = tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 200, "preempt.grace_s": 0})
+    procs = start_ranks(overrides)
+    wait_for_step(tmp_path, 12, procs)  # step 10 was saved
+    os.kill(procs[0].pid, signal.SIGTERM)
+    results = finish(procs, 120)
+    assert [r[0] for r in results] == [EXIT_PREEMPTED] * 2, results[0][1][-3000:]
+    assert "grace budget spent before the save; the previous checkpoint stays latest" in results[0][1]
+    assert last_step(tmp_path) > 10
+    assert find_latest(tmp_path / "checkpoints").name == "step_00000010"
+    assert not any(p.name > "step_00000010" for p in (tmp_path / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "SIGKILL",
+        pytest.param(
+            "SIGSTOP",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="megalm/parallel/grid.py creates its groups with dist.new_group(ranks), whose "
+                "gloo timeout is torch's 30-minute default, not dist.timeout_s; a hung peer blocks the "
+                "data-parallel all-reduce until then",
+            ),
+        ),
+    ],
+)
+def test_dead_or_hung_rank_ends_the_job_within_the_timeout(shards_dir, tmp_path, how):
+    timeout_s = 20
+    overrides = tiny_overrides(
+        tmp_path, shards_dir, **{"training.max_steps": 400, "dist.timeout_s": timeout_s}
+    )
+    procs = start_ranks(overrides)
+    wait_for_step(tmp_path, 12, procs)
+    os.kill(procs[1].pid, getattr(signal, how))
+    t0 = time.monotonic()
+    ((code, out, _),) = finish(procs[:1], timeout_s + 30)
+    elapsed = time.monotonic() - t0
+    procs[1].kill()
+    procs[1].communicate()
+    assert code not in (0, None, -signal.SIGKILL), out[-3000:]
+    assert elapsed < timeout_s + 15, f"rank 0 took {elapsed:.1f}s to exit after the peer's {how}"
+    assert last_step(tmp_path) < 400
+    print(f"{how} on rank 1 -> rank 0 exited {code} after {elapsed:.1f}s (dist.timeout_s={timeout_s})")
+    if how == "SIGKILL":  # the last good checkpoint still loads and training goes on from it
+        latest = find_latest(tmp_path / "checkpoints")
+        assert latest is not None
+        step = int(latest.name.split("_")[1])
+        resumed = finish(start_ranks(overrides[:-1] + [f"training.max_steps={step + 2}"]), 240)
+        assert [r[0] for r in resumed] == [0, 0], resumed[0][1][-3000:]
+        assert f"resumed from {latest}" in resumed[0][1]
+
+
+WATCHDOG = """
+import os, signal, time
+import torch.distributed as dist
+from megalm.config.schema import PreemptConfig
+from megalm.train.preempt import Preemption
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+p = Preemption(PreemptConfig(grace_s=1.0, requeue=False))
+os.kill(os.getpid(), signal.SIGUSR1)
+assert p.should_stop()
+p.stop(7, lambda step: time.sleep(60), already_saved=False)
+print("not reached")
+"""
+
+
+def test_watchdog_abandons_a_save_that_outlives_the_grace_budget():
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [PYTHON, "-c", WATCHDOG.format(port=free_port())],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
+    assert "save still running after the 1.0s grace budget" in proc.stderr
+    assert "not reached" not in proc.stdout
+    assert elapsed < 30
