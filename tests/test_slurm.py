@@ -1,0 +1,160 @@
+"""launch/slurm/ on a real one-node Slurm cluster started on localhost for this module.
+
+``launch/slurm/local_cluster.sh`` installs Debian's slurm-wlm + munge when missing
+(root + apt-get) and starts munged, slurmctld and slurmd under a temporary
+directory; the module's teardown stops them. Where that is impossible the tests
+skip with the script's reason.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from megalm.train.checkpoint import find_latest
+from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.test_launch_discovery import DISCOVER
+from tests.test_preempt import EXIT_PREEMPTED, last_step
+
+pytestmark = pytest.mark.slow
+SCRIPT = ROOT / "launch" / "slurm" / "local_cluster.sh"
+SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
+# The script asks for 2 nodes x 8 GPUs x 12 CPUs; the local node has neither.
+LOCAL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory) -> dict[str, str]:
+    state = tmp_path_factory.mktemp("slurm")
+    try:
+        proc = subprocess.run(
+            ["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=900
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("launch/slurm/local_cluster.sh start took more than 15 minutes")
+    if proc.returncode == 3:
+        pytest.skip(f"no local Slurm cluster: {proc.stderr.strip()}")
+    assert proc.returncode == 0, f"local Slurm cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+    env = subprocess_env() | {
+        "SLURM_CONF": str(state / "slurm.conf"),
+        "MEGALM_PYTHON": PYTHON,
+        "MEGALM_DIR": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    yield env
+    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=60)
+
+
+def slurm(env: dict[str, str], *args: str, timeout: float = 60) -> str:
+    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def job_field(env: dict[str, str], job: str, key: str) -> str:
+    out = slurm(env, "scontrol", "show", "job", job)
+    return next(w.split("=", 1)[1] for w in out.split() if w.startswith(key + "="))
+
+
+def submit(env: dict[str, str], run_dir: Path, overrides: list[str]) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = slurm(
+        env,
+        "sbatch",
+        "--parsable",
+        *LOCAL,
+        f"--output={run_dir}/slurm.out",
+        str(SBATCH),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        *overrides,
+    )
+    return out.strip().split(";")[0]
+
+
+def wait_done(env: dict[str, str], job: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := job_field(env, job, "JobState")) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        if state == "PENDING" and job_field(env, job, "Reason") == "BeginTime":
+            slurm(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue delay
+        assert time.monotonic() < deadline, f"job {job} still {state} after {timeout}s"
+        time.sleep(0.5)
+    return state
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from megalm.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_srun_discovery(slurm_env):
+    out = slurm(slurm_env, "srun", "-n", "2", "--cpus-per-task=1", PYTHON, "-c", DISCOVER, timeout=120)
+    ranks = sorted(out.split("\n"))
+    assert sum('"launcher": "srun"' in r for r in ranks) == 2
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert all(f'"master_addr": "{host}"' in r for r in ranks if r)
+    assert any('"rank": 0, "world_size": 2, "local_rank": 0' in r for r in ranks)
+    assert any('"rank": 1, "world_size": 2, "local_rank": 1' in r for r in ranks)
+
+
+def test_hostfile_from_the_allocation(slurm_env, tmp_path):
+    out = tmp_path / "hostfile"
+    slurm(slurm_env, "srun", "-n", "1", "bash", str(ROOT / "launch/slurm/make_hostfile.sh"), str(out), "2")
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert out.read_text() == f"{host} slots=2\n"
+
+
+@pytest.fixture(scope="module")
+def straight_and_preempted(slurm_env, shards_dir, tmp_path_factory) -> tuple[Path, Path, str, float]:
+    """Two 2-task sbatch jobs of the same config; the second gets SIGUSR1 mid-run."""
+    straight, preempted = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("preempted")
+    extra = {"training.max_steps": 60, "training.sample_tokens": 0}
+    job_a = submit(slurm_env, straight, tiny_overrides(straight, shards_dir, **extra))
+    job_b = submit(slurm_env, preempted, tiny_overrides(preempted, shards_dir, **extra))
+    deadline = time.monotonic() + 300
+    while last_step(preempted) < 3:
+        assert time.monotonic() < deadline, (preempted / "slurm.out").read_text()[-3000:]
+        assert job_field(slurm_env, job_b, "JobState") in ("PENDING", "RUNNING")
+        time.sleep(0.1)
+    slurm(slurm_env, "scancel", "--signal=USR1", job_b)
+    t_signal = time.monotonic()
+    while job_field(slurm_env, job_b, "Restarts") == "0":
+        assert time.monotonic() - t_signal < 120, (preempted / "slurm.out").read_text()[-3000:]
+        time.sleep(0.2)
+    requeue_s = time.monotonic() - t_signal
+    assert wait_done(slurm_env, job_a) == "COMPLETED", (straight / "slurm.out").read_text()[-3000:]
+    t_release = time.monotonic()
+    assert wait_done(slurm_env, job_b) == "COMPLETED", (preempted / "slurm.out").read_text()[-3000:]
+    print(f"signal -> requeued {requeue_s:.1f}s; release -> finished {time.monotonic() - t_release:.1f}s")
+    return straight, preempted, job_b, requeue_s
+
+
+def test_sbatch_two_tasks_trains_and_checkpoints(straight_and_preempted):
+    straight = straight_and_preempted[0]
+    out = (straight / "slurm.out").read_text()
+    assert "launcher srun | rank 0/2" in out and "launcher srun | rank 1/2" in out
+    assert "srun exited with 0" in out
+    assert sorted(losses(straight)) == list(range(1, 61))
+    assert find_latest(straight / "checkpoints").name == "step_00000060"
+
+
+def test_sigusr1_checkpoints_requeues_and_resumes_to_equal_losses(straight_and_preempted):
+    straight, preempted, job, _ = straight_and_preempted
+    out = (preempted / "slurm.out").read_text()  # --open-mode=append: both runs' output
+    assert "(restart 0)" in out and "(restart 1)" in out
+    stopped = int(out.split("stopping after step ")[1].split(",")[0])
+    assert 3 <= stopped < 60
+    assert f"preempt | saved step {stopped}" in out or f"step {stopped} is already saved" in out
+    assert f"preempt | requeued Slurm job {job}" in out
+    assert f"resumed from {preempted}/checkpoints/step_{stopped:08d} at step {stopped}" in out
+    assert f"exiting with code {EXIT_PREEMPTED}" in out
+    a, b = losses(straight), losses(preempted)
+    assert sorted(b) == list(range(1, 61))
+    assert [b[s] for s in range(stopped + 1, 61)] == [a[s] for s in range(stopped + 1, 61)]  # bitwise
+    assert find_latest(preempted / "checkpoints").name == "step_00000060"
+    assert os.path.getsize(preempted / "metrics.jsonl") > 0
