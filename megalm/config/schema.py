@@ -87,6 +87,8 @@ class TrainingConfig:
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
     sample_top_k: int = 20
+    recompute: Literal["none", "full"] = "none"  # activation checkpointing of transformer blocks
+    recompute_interval: int = 1  # keep the input of every N blocks, recompute the rest
 
 
 @dataclass
@@ -111,6 +113,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
+    pp_partition: Literal["uniform", "parameters"] = "uniform"  # uniform: equal transformer blocks per stage
 
 
 @dataclass

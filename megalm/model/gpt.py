@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from megalm.config import ModelConfig
@@ -189,11 +190,14 @@ class LMLoss:
         return loss.mean()
 
 
-def build_block(cfg: ModelConfig, tp_group, sequence_parallel: bool, seed: int) -> Block:
-    """One transformer block initialized from its own seed."""
-    block = Block(cfg, tp_group, sequence_parallel)
-    init_component(block, cfg, seed)
-    return block
+class SeededBlock(Block):
+    """A :class:`Block` initialized from its own seed (so any process can build block ``i``)."""
+
+    def __init__(
+        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__(cfg, tp_group, sequence_parallel)
+        init_component(self, cfg, seed)
 
 
 class GPT(nn.Module):
@@ -226,11 +230,35 @@ class GPT(nn.Module):
         L = cfg.n_layers
         self.embed = Embedding(cfg, tp_group, sequence_parallel, component_seed(init_seed, 0))
         self.blocks = nn.ModuleList(
-            build_block(cfg, tp_group, sequence_parallel, component_seed(init_seed, 1 + i)) for i in range(L)
+            SeededBlock(cfg, tp_group, sequence_parallel, component_seed(init_seed, 1 + i)) for i in range(L)
         )
         self.final_norm = FinalNorm(cfg, tp_group, sequence_parallel)
         self.head = None if ties_embeddings(cfg) else Head(cfg, tp_group, component_seed(init_seed, L + 1))
         self.loss = LMLoss(cfg, tp_group)
+        self.recompute_interval = 0
+
+    def set_recompute(self, interval: int) -> None:
+        """Activation checkpointing: keep only the input of every group of ``interval`` blocks
+        and recompute the rest in the backward (Chen et al. 2016); 0 turns it off."""
+        self.recompute_interval = interval
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.recompute_interval
+        if not (self.training and n > 0):
+            for block in self.blocks:
+                x = block(x)
+            return x
+        for start in range(0, len(self.blocks), n):
+            group = self.blocks[start : start + n]
+
+            def run(h: torch.Tensor, group=group) -> torch.Tensor:
+                for block in group:
+                    h = block(h)
+                return h
+
+            # preserve_rng_state (default) replays the same dropout masks in the recompute
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        return x
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, labels: (B, T) int64. Returns logits (B, T, V) or a scalar loss."""
@@ -245,8 +273,7 @@ class GPT(nn.Module):
             # first T positions independent of the padding.
             return self.forward(F.pad(tokens, (0, tp - T % tp)))[:, :T]
         x = self.embed(tokens)  # (B, T, C), or (B, T/tp, C) with SP
-        for block in self.blocks:
-            x = block(x)
+        x = self._run_blocks(x)
         x = self.final_norm(x)  # (B, T, C)
         logits = self.head(x) if self.head is not None else self.embed.logits(x)  # (B, T, V_padded/tp)
         if labels is None:

@@ -13,19 +13,21 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config, ConfigError, save_config, to_dict
-from megalm.data import (
-    Manifest,
-    PackedWindows,
-    TrainBatches,
-    eval_batches,
-    load_manifest,
-    read_documents,
-)
+from megalm.data import Manifest, eval_batches, load_manifest, open_split, open_train_batches
 from megalm.model import GPT, flops_per_token, generate, param_count
+from megalm.parallel import ParallelContext, ParallelDims
+from megalm.parallel.validate import validate_layout
 from megalm.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megalm.train.dist import DistInfo, init_distributed
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
 from megalm.train.metrics import MetricsLog, memory_gb, peak_flops
+from megalm.train.pipeline import (
+    bubble_fraction,
+    build_pipeline,
+    describe_partition,
+    pipeline_eval_loss,
+    pipeline_train_step,
+)
 from megalm.train.plot import plot_loss
 from megalm.train.preempt import Preemption
 from megalm.train.step import engine_step
@@ -50,16 +52,20 @@ def check_config(cfg: Config, world_size: int) -> None:
         ConfigError: with every factor named.
     """
     p = cfg.parallel
-    if p.tp != 1 or p.pp != 1 or p.sequence_parallel:
+    if p.pp > 1 and cfg.zero.stage > 1:
         raise ConfigError(
-            f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.sequence_parallel="
-            f"{p.sequence_parallel}: this build trains with data parallelism only; set "
-            "parallel.tp=1 parallel.pp=1 parallel.sequence_parallel=false"
+            f"zero.stage={cfg.zero.stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports "
+            "ZeRO-1 only (stages 2/3 shard gradients that the pipeline accumulates across micro-batches); "
+            "use zero.stage=1 with pipeline parallelism, or parallel.pp=1 with ZeRO-2/3"
         )
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"world_size ({world_size}) is not divisible by tp ({p.tp}) * pp ({p.pp})")
+    if p.pp > cfg.model.n_layers:
+        raise ConfigError(
+            f"parallel.pp ({p.pp}) is larger than model.n_layers ({cfg.model.n_layers}): every pipeline "
+            "stage needs at least one transformer block"
+        )
+    dims = validate_layout(cfg.model, p, world_size)
     try:
-        gradient_accumulation(cfg, world_size // (p.tp * p.pp))
+        gradient_accumulation(cfg, dims.dp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key in (
@@ -85,10 +91,11 @@ def resolve_vocab(cfg: Config, manifest: Manifest) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def _all_mean(x: torch.Tensor, world: int) -> float:
+def _dp_mean(x: torch.Tensor, dp: int, group) -> float:
+    """Mean over data-parallel ranks (TP peers already hold the same value)."""
     x = x.detach().float().clone()
-    dist.all_reduce(x)
-    return x.item() / world
+    dist.all_reduce(x, group=group)
+    return x.item() / dp
 
 
 def _log0(info: DistInfo, msg: str) -> None:
@@ -106,31 +113,29 @@ class Trainer:
         manifest = load_manifest(cfg.data.dir)
         self.cfg = resolve_vocab(cfg, manifest)
         self.info = info = init_distributed(self.cfg)
-        self.dp_rank, self.dp = info.rank, info.world_size
+        p = self.cfg.parallel
+        self.ctx = ParallelContext(ParallelDims.from_world(info.world_size, p.tp, p.pp))
+        self.dp_rank, self.dp = self.ctx.dp_rank, self.ctx.dp
         self.run_dir = Path(self.cfg.run.dir)
-        train_docs = read_documents(manifest, "train")
-        if not train_docs:
-            raise ConfigError(
-                f"data.dir '{cfg.data.dir}' has no training documents; re-run "
-                "data_tools.preprocess on a non-empty corpus"
-            )
-        seq = self.cfg.model.seq_len
-        self.train_windows = PackedWindows(train_docs, seq, manifest.eos_id)
-        val_docs = read_documents(manifest, "val")
-        self.val_windows = PackedWindows(val_docs, seq, manifest.eos_id) if val_docs else None
-        self.tokenizer_file = manifest.tokenizer_file
-        t = self.cfg.training
-        self.batches = TrainBatches(
-            self.train_windows,
-            self.cfg.data.seed,
-            t.global_batch,
-            t.micro_batch,
-            self.dp_rank,
-            self.dp,
+        seq, d, t = self.cfg.model.seq_len, self.cfg.data, self.cfg.training
+        self.batches = open_train_batches(
+            d, manifest, seq, t.global_batch, t.micro_batch, self.dp_rank, self.dp
         )
+        self.train_windows = self.batches.sources[0]
+        self.val_windows = open_split(manifest, "val", seq, d.on_bad_data, d.verify)
+        self.tokenizer_file = manifest.tokenizer_file
         torch.manual_seed(self.cfg.run.seed)
-        self.model = GPT(self.cfg.model)
-        self.engine = build_engine(self.cfg, self.model, self.dp, info.device)
+        self.pipelined = p.pp > 1
+        if self.pipelined:
+            self.model = build_pipeline(self.cfg, self.ctx, init_seed=self.cfg.run.seed)
+            self.engine = build_engine(self.cfg, self.model, self.dp, info.device)
+            for line in describe_partition(self.model, self.ctx):
+                _log0(info, f"pipe   | {line}")
+        else:
+            self.model = GPT(self.cfg.model, self.ctx.tp_group, p.sequence_parallel, self.cfg.run.seed)
+            if t.recompute == "full":
+                self.model.set_recompute(t.recompute_interval)
+            self.engine = build_engine(self.cfg, self.model, self.dp, info.device, self.ctx.as_mpu())
         self.flops_per_token = flops_per_token(self.cfg.model)
         self._plain_fp32 = self.cfg.zero.stage == 0 and resolve_dtype(self.cfg, info.device) == "fp32"
         self.peak, self.peak_source = peak_flops(info.device) if info.rank == 0 else (1.0, "")
@@ -144,16 +149,20 @@ class Trainer:
         path = find_latest(ckpt_dir) if how == "auto" else Path(how)
         if path is None:
             return 0
-        meta = load_checkpoint(self.engine, path)
+        meta = load_checkpoint(self.engine, path, self._layout())
         self.batches.load_state_dict(meta["data"])
         _log0(self.info, f"resumed from {path} at step {meta['step']}")
         return int(meta["step"])
+
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.ctx.tp, "pp": self.ctx.dims.pp, "dp": self.dp, "zero": self.cfg.zero.stage}
 
     def _save(self, step: int) -> None:
         meta = {
             "step": step,
             "data": self.batches.state_dict(),
             "world_size": self.info.world_size,
+            "layout": self._layout(),
             "config": to_dict(self.cfg),
         }
         t0 = time.perf_counter()
@@ -173,13 +182,16 @@ class Trainer:
             return None
         t = self.cfg.training
         n = t.eval_batches * t.global_batch
+        batches = eval_batches(self.val_windows, n, t.micro_batch, self.dp_rank, self.dp)
+        if self.pipelined:
+            return pipeline_eval_loss(self.engine, batches, gradient_accumulation(self.cfg, self.dp))
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float64)
-        for x, y in eval_batches(self.val_windows, n, t.micro_batch, self.dp_rank, self.dp):
+        for x, y in batches:
             loss = self.engine(x.to(self.info.device), y.to(self.info.device))
             total += loss.double().cpu() * x.size(0)
         self.engine.train()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=self.ctx.dp_group)
         return total.item() / n
 
     @torch.no_grad()
@@ -205,10 +217,14 @@ class Trainer:
         return tok.decode(out[0].tolist())
 
     def _train_step(self) -> tuple[float, float | None]:
+        if self.pipelined:
+            loss = pipeline_train_step(self.engine, self.batches.step_batches())
+            gnorm = self.engine.get_global_grad_norm()
+            return loss, (float(gnorm) if gnorm is not None else None)
         loss, gnorm = engine_step(
-            self.engine, self.batches.step_batches(), self.info.device, self._plain_fp32
+            self.engine, self.batches.step_batches(), self.info.device, self._plain_fp32, self.ctx.as_mpu()
         )
-        return _all_mean(loss, self.dp), gnorm
+        return _dp_mean(loss, self.dp, self.ctx.dp_group), gnorm
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -275,7 +291,9 @@ class Trainer:
         self.preempt.close()
         if last_val_step != result.step:
             result.final_val_loss = self.evaluate()
-        if t.sample_tokens > 0:
+        if t.sample_tokens > 0 and self.pipelined:
+            _log0(info, "sample | skipped: sampling from a pipeline-parallel model is not implemented")
+        elif t.sample_tokens > 0:
             result.sample = self.sample()
         if log:
             log.close()
@@ -297,6 +315,7 @@ class Trainer:
             "mfu": tflops * 1e12 / self.peak,
             "mem_gb": memory_gb(self.info.device),
             "step_time_s": seconds / steps,
+            "pipeline_bubble": bubble_fraction(self.ctx.dims.pp, gradient_accumulation(self.cfg, self.dp)),
             "elapsed_s": elapsed,
             "epoch": self.batches.epoch,
         }
@@ -306,10 +325,14 @@ class Trainer:
         m = cfg.model
         print(
             f"megalm | launcher {info.launcher} | world {info.world_size} ({info.backend}, "
-            f"{info.device}) | zero {cfg.zero.stage} | {resolve_dtype(cfg, info.device)}\n"
+            f"{info.device}) | tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {self.dp}"
+            f"{' (sequence parallel)' if cfg.parallel.sequence_parallel else ''} | zero {cfg.zero.stage} | "
+            f"pipeline bubble (pp-1)/(m+pp-1) = "
+            f"{bubble_fraction(cfg.parallel.pp, gradient_accumulation(cfg, self.dp)):.2f} | "
+            f"{resolve_dtype(cfg, info.device)}\n"
             f"model  | {m.family} L={m.n_layers} d={m.d_model} heads={m.n_heads}/"
             f"{m.n_kv_heads or m.n_heads} T={m.seq_len} V={m.vocab_size} | "
-            f"{param_count(m) / 1e6:.2f}M params\n"
+            f"{param_count(m, cfg.parallel.tp) / 1e6:.2f}M params\n"
             f"data   | {len(self.train_windows)} train windows, "
             f"{len(self.val_windows) if self.val_windows else 0} held-out | global batch "
             f"{cfg.training.global_batch} = micro {cfg.training.micro_batch} x accum "

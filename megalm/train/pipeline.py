@@ -1,0 +1,135 @@
+"""The model as a DeepSpeed pipeline: the same components as :class:`megalm.model.GPT`.
+
+Layers (Huang et al. 2019 GPipe; executed by DeepSpeed's 1F1B pipeline engine,
+Narayanan et al. 2019 PipeDream-Flush)::
+
+    Embedding | SeededBlock x L | FinalNorm | Head            (llama, untied)
+    Embedding | SeededBlock x L | FinalNorm | Embedding.logits (gpt2, tied via TiedLayerSpec)
+
+Every component initializes itself from its own seed, so a stage that builds only
+blocks 4..7 gets the weights the whole model has, and pp=N starts from the pp=1
+weights. The topology handed to DeepSpeed comes from megalm's grid: axes
+``pipe, data, model`` with ``model`` (= tp) fastest, the same rank meaning as
+:class:`megalm.parallel.ParallelDims`.
+
+Known limits: dropout masks under pp > 1 differ from pp = 1 (each stage draws from
+its own process's RNG stream); sampling text from a pipelined model is not
+implemented (the trainer skips it and says so).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+
+from megalm.config import Config
+from megalm.model.gpt import (
+    Embedding,
+    FinalNorm,
+    Head,
+    LMLoss,
+    SeededBlock,
+    component_seed,
+    ties_embeddings,
+    validate_model_config,
+)
+from megalm.parallel import ParallelContext
+
+
+def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(x)
+
+
+def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
+    """A ``deepspeed.pipe.PipelineModule`` holding this rank's stage.
+
+    Partitioning (``parallel.pp_partition``): ``uniform`` balances transformer blocks
+    (DeepSpeed ``type:SeededBlock``), ``parameters`` balances parameter counts.
+    Activation checkpointing every ``training.recompute_interval`` layers when
+    ``training.recompute`` is ``full``.
+    """
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    validate_model_config(m)
+    group, sp, L = ctx.tp_group, p.sequence_parallel, m.n_layers
+    embed_args = (m, group, sp, component_seed(init_seed, 0))
+    tied = ties_embeddings(m)
+    layers = [
+        TiedLayerSpec("embed", Embedding, *embed_args, tied_weight_attr="tok_emb.weight")
+        if tied
+        else LayerSpec(Embedding, *embed_args)
+    ]
+    layers += [LayerSpec(SeededBlock, m, group, sp, component_seed(init_seed, 1 + i)) for i in range(L)]
+    layers.append(LayerSpec(FinalNorm, m, group, sp))
+    if tied:
+        layers.append(
+            TiedLayerSpec(
+                "embed", Embedding, *embed_args, forward_fn=_tied_logits, tied_weight_attr="tok_emb.weight"
+            )
+        )
+    else:
+        layers.append(LayerSpec(Head, m, group, component_seed(init_seed, L + 1)))
+    topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=ctx.dp)
+    module = PipelineModule(
+        layers=layers,
+        topology=topology,
+        loss_fn=LMLoss(m, group),
+        partition_method="type:SeededBlock" if p.pp_partition == "uniform" else "parameters",
+        activation_checkpoint_interval=t.recompute_interval if t.recompute == "full" else 0,
+        activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+    )
+    mark_for_grad_norm(module, ctx)
+    return module
+
+
+def mark_for_grad_norm(module: torch.nn.Module, ctx: ParallelContext) -> None:
+    """Make DeepSpeed's gradient norm count every parameter exactly once under PP.
+
+    DeepSpeed counts a parameter if it is model-parallel or if this rank is rank 0
+    of the (pipe x tensor) model-parallel group, which would skip the replicated
+    parameters of every stage but the first. Mark each stage's TP-replicated
+    parameters as model-parallel on its TP rank 0, and never count the last
+    stage's copy of a tied embedding (``ds_pipe_replicated``).
+    """
+    for param in module.parameters():
+        if getattr(param, "ds_pipe_replicated", False):
+            param.tensor_model_parallel = False
+            param.model_parallel = False
+        elif not getattr(param, "tensor_model_parallel", False):
+            param.model_parallel = ctx.tp_rank == 0
+
+
+def describe_partition(module, ctx: ParallelContext) -> list[str]:
+    """One line per stage: its layer range and parameter count (collective; rank 0 gets all)."""
+    mine = (ctx.pp_rank, module._local_start, module._local_stop, sum(p.numel() for p in module.parameters()))
+    stages = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, mine if ctx.tp_rank == 0 and ctx.dp_rank == 0 else None)
+    return [
+        f"stage {s}: layers [{a}, {b}) of {len(module._layer_specs)}, {n / 1e6:.3f}M parameters per TP rank"
+        for s, a, b, n in sorted(x for x in stages if x is not None)
+    ]
+
+
+def pipeline_train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss."""
+    return float(engine.train_batch(data_iter=iter(micro_batches)))
+
+
+def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int) -> float:
+    """Mean loss over micro-batches, ``accum`` per pipeline flush (every rank gets it)."""
+    losses = [
+        float(engine.eval_batch(iter(micro_batches[i : i + accum])))
+        for i in range(0, len(micro_batches), accum)
+    ]
+    return sum(losses) / len(losses)
+
+
+def bubble_fraction(pp: int, micro_batches: int) -> float:
+    """Idle fraction of a 1F1B/GPipe schedule: ``(p - 1) / (m + p - 1)``
+    (Narayanan et al. 2021, section 2.2.1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
