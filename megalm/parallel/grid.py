@@ -11,6 +11,7 @@ fastest)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -82,15 +83,17 @@ class ParallelContext:
 
     Every rank must construct it (``new_group`` is collective). Groups are passed
     explicitly to layers; :meth:`as_mpu` adapts it to DeepSpeed's ``mpu``.
+    ``timeout`` bounds every collective on these groups (``dist.timeout_s``), so a
+    hung peer makes the others fail instead of waiting forever.
     """
 
-    def __init__(self, dims: ParallelDims) -> None:
+    def __init__(self, dims: ParallelDims, timeout: timedelta | None = None) -> None:
         if dist.get_world_size() != dims.world_size:
             raise LayoutError(
                 f"tp({dims.tp}) * pp({dims.pp}) * dp({dims.dp}) = {dims.world_size} != "
                 f"world_size({dist.get_world_size()})"
             )
-        self.dims = dims
+        self.dims, self.timeout = dims, timeout
         self.rank = dist.get_rank()
         self.tp_rank, self.dp_rank, self.pp_rank = dims.coords(self.rank)
         self.tp_group = self._mine(dims.tp_groups())
@@ -101,7 +104,7 @@ class ParallelContext:
     def _mine(self, groups: list[list[int]]) -> dist.ProcessGroup:
         mine = None
         for ranks in groups:  # every rank creates every group, in the same order
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 mine = group
         return mine

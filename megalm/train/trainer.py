@@ -7,6 +7,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -114,7 +115,9 @@ class Trainer:
         self.cfg = resolve_vocab(cfg, manifest)
         self.info = info = init_distributed(self.cfg)
         p = self.cfg.parallel
-        self.ctx = ParallelContext(ParallelDims.from_world(info.world_size, p.tp, p.pp))
+        self.ctx = ParallelContext(
+            ParallelDims.from_world(info.world_size, p.tp, p.pp), timedelta(seconds=self.cfg.dist.timeout_s)
+        )
         self.dp_rank, self.dp = self.ctx.dp_rank, self.ctx.dp
         self.run_dir = Path(self.cfg.run.dir)
         seq, d, t = self.cfg.model.seq_len, self.cfg.data, self.cfg.training
