@@ -1,0 +1,286 @@
+"""Layout planner: enumerate TP x PP x DP x ZeRO x micro-batch x recompute, predict memory and time.
+
+Memory per device is :mod:`megalm.perf.memory` (ZeRO model states, Rajbhandari et
+al. 2020; activations, Korthikanti et al. 2022). The step-time estimate is a
+roofline sum, every term from the device table (:data:`megalm.perf.flops.DEVICES`):
+
+- compute: each layer GEMM ``(M x K) @ (K x N)`` takes
+  ``max(2 M K N / (peak * gemm_efficiency), 2 (M K + K N + M N) / HBM)``;
+  causal flash attention ``2 M s h / tp`` forward FLOPs at the same efficiency;
+  backward = 2 x forward; recompute adds the forward again (full) or the
+  attention core (selective);
+- tensor parallel: 4 all-reduces per layer and micro-batch (6 with full recompute)
+  of ``M h`` bf16 values, ring volume ``2 (t-1)/t`` (Korthikanti et al. 2022, 4.2.2),
+  over NVLink when ``tp <= gpus_per_node``;
+- pipeline: 1F1B with ``m`` micro-batches takes ``(m + p - 1)`` stage times
+  (bubble ``(p-1)/m``, Narayanan et al. 2021, sec. 2.2.1) plus two point-to-point
+  activation transfers per micro-batch over InfiniBand;
+- data parallel: one gradient all-reduce of the device's bf16 gradients per step,
+  ring volume ``2 (d-1)/d`` (ZeRO 1/2: reduce-scatter + all-gather, same volume;
+  ZeRO 3: 1.5x, Rajbhandari et al. 2020, sec. 7.2), over InfiniBand when the DP group
+  leaves the node; not overlapped with compute (a pessimistic bound);
+- optimizer: reading and writing the local optimizer states once at HBM speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+
+from megalm.config import ModelConfig
+from megalm.model.gpt import padded_vocab_size
+from megalm.model.layers import ffn_hidden_size
+from megalm.perf.flops import Device, hardware_flops_per_token, model_flops_per_token
+from megalm.perf.memory import Recipe, StateBytes, activation_bytes, params_per_device, zero_model_state_bytes
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: parallel degrees, ZeRO stage, micro-batch, SP and recompute."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    micro_batch: int
+    sp: bool
+    recompute: str
+
+    def short(self) -> str:
+        sp = "+sp" if self.sp else ""
+        return (
+            f"tp={self.tp}{sp} pp={self.pp} dp={self.dp} zero={self.zero} mb={self.micro_batch} "
+            f"recompute={self.recompute}"
+        )
+
+
+@dataclass
+class Estimate:
+    """Predicted memory (bytes per device) and step time (seconds) of one layout."""
+
+    layout: Layout
+    states: dict[str, float]
+    activations: float
+    step_s: float
+    parts: dict[str, float]
+    mfu: float
+    tokens_per_s_per_device: float
+
+    @property
+    def memory(self) -> float:
+        return self.states["total"] + self.activations
+
+
+@dataclass
+class Plan:
+    """The planner's answer: fitting layouts (fastest first) and rejections by reason."""
+
+    devices: int
+    device: Device
+    usable_bytes: float
+    fits: list[Estimate] = field(default_factory=list)
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+    too_big: list[Estimate] = field(default_factory=list)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problem(cfg: ModelConfig, lay: Layout, global_batch: int, gpus_per_node: int) -> tuple[str, str]:
+    """``(reason, detail)`` when a layout cannot be built, else ``("", "")``.
+
+    The same rules as :func:`megalm.parallel.validate.validate_layout` plus pipeline and
+    DeepSpeed constraints.
+    """
+    kv = cfg.n_kv_heads or cfg.n_heads
+    if lay.tp > gpus_per_node:
+        return "tp crosses nodes", f"tp={lay.tp} > {gpus_per_node} GPUs per node (TP needs NVLink)"
+    if cfg.n_heads % lay.tp:
+        return "heads % tp", f"n_heads={cfg.n_heads} not divisible by tp={lay.tp}"
+    if kv % lay.tp and lay.tp % kv:
+        return "kv heads vs tp", f"n_kv_heads={kv} and tp={lay.tp}: neither divides the other"
+    if ffn_hidden_size(cfg) % lay.tp:
+        return "ffn % tp", f"MLP width {ffn_hidden_size(cfg)} not divisible by tp={lay.tp}"
+    if cfg.n_layers % lay.pp:
+        return "layers % pp", f"n_layers={cfg.n_layers} not divisible by pp={lay.pp}"
+    if global_batch % (lay.micro_batch * lay.dp):
+        return "batch", f"global batch {global_batch} not divisible by mb={lay.micro_batch} x dp={lay.dp}"
+    if lay.pp > 1 and lay.zero >= 2:
+        return (
+            "zero with pp",
+            f"zero={lay.zero} with pp={lay.pp}: DeepSpeed's pipeline engine supports ZeRO <= 1",
+        )
+    if lay.sp and cfg.seq_len % lay.tp:
+        return "seq % tp", f"seq_len={cfg.seq_len} not divisible by tp={lay.tp} (sequence parallel)"
+    return "", ""
+
+
+def _gemm_s(m: float, k: float, n: float, dev: Device, eff: float) -> float:
+    """Roofline time of ``(m x k) @ (k x n)`` in bf16."""
+    return max(2 * m * k * n / (dev.peak_flops * eff), 2 * (m * k + k * n + m * n) / dev.hbm_bytes_per_s)
+
+
+def estimate(
+    cfg: ModelConfig,
+    lay: Layout,
+    dev: Device,
+    global_batch: int,
+    recipe: Recipe | None = None,
+    gemm_efficiency: float = 0.8,
+) -> Estimate:
+    """Memory and step time of ``lay`` for ``cfg`` on ``dev`` (module docstring)."""
+    recipe = recipe or Recipe.megalm(cfg, "bf16", fused_kernels=True)
+    h, s, t = cfg.d_model, cfg.seq_len, lay.tp
+    n_micro = global_batch // (lay.micro_batch * lay.dp)
+    psi = params_per_device(cfg, t, lay.pp)
+    states = zero_model_state_bytes(psi, lay.dp, lay.zero, StateBytes.mixed_adam())
+    acts = activation_bytes(cfg, lay.micro_batch, t, lay.pp, lay.sp, lay.recompute, recipe, n_micro)  # type: ignore[arg-type]
+
+    M = lay.micro_batch * s  # tokens per micro-batch
+    kvw = (cfg.n_kv_heads or cfg.n_heads) * (h // cfg.n_heads)
+    H = ffn_hidden_size(cfg)
+    gated = 2 if cfg.family == "llama" else 1
+    e = dev.peak_flops * gemm_efficiency
+    fwd = (
+        _gemm_s(M, h, (h + 2 * kvw) / t, dev, gemm_efficiency)
+        + _gemm_s(M, h / t, h, dev, gemm_efficiency)
+        + _gemm_s(M, h, gated * H / t, dev, gemm_efficiency)
+        + _gemm_s(M, H / t, h, dev, gemm_efficiency)
+    )
+    attn_fwd = 2 * M * s * h / t / e  # causal flash attention: half of 4 M s h
+    layer = 3 * fwd + 3 * attn_fwd
+    if lay.recompute == "full":
+        layer += fwd + attn_fwd
+    elif lay.recompute == "selective":
+        layer += attn_fwd
+    head = 3 * _gemm_s(M, h, padded_vocab_size(cfg, t) / t, dev, gemm_efficiency)
+    layers_stage = cfg.n_layers // lay.pp
+    compute_stage = layers_stage * layer + (head if lay.pp == 1 else 0)
+    if lay.pp > 1:
+        compute_stage = max(compute_stage, layers_stage * layer + head)
+
+    tp_bw = dev.intra_node_bytes_per_s
+    n_ar = 6 if lay.recompute == "full" else 4
+    tp_comm = layers_stage * n_ar * 2 * (t - 1) / t * M * h * 2 / tp_bw if t > 1 else 0.0
+    p2p = 2 * M * h * 2 / (t if lay.sp else 1) / dev.inter_node_bytes_per_s if lay.pp > 1 else 0.0
+    pipeline = (n_micro + lay.pp - 1) * (compute_stage + tp_comm + p2p)
+
+    dp_bw = dev.inter_node_bytes_per_s if t * lay.dp > dev.gpus_per_node else dev.intra_node_bytes_per_s
+    dp_comm = 2 * (lay.dp - 1) / lay.dp * psi * 2 / dp_bw * (1.5 if lay.zero == 3 else 1.0)
+    optimizer = 2 * states["optimizer"] / dev.hbm_bytes_per_s
+    step = pipeline + dp_comm + optimizer
+    devices = t * lay.pp * lay.dp
+    tokens = global_batch * s
+    model_flops = tokens * model_flops_per_token(cfg)
+    parts = {
+        "compute": (n_micro + lay.pp - 1) * compute_stage,
+        "bubble": (lay.pp - 1) * compute_stage,
+        "tp_comm": (n_micro + lay.pp - 1) * tp_comm,
+        "pp_comm": (n_micro + lay.pp - 1) * p2p,
+        "dp_comm": dp_comm,
+        "optimizer": optimizer,
+        "hw_flops": tokens * hardware_flops_per_token(cfg, lay.recompute),  # type: ignore[arg-type]
+    }
+    return Estimate(lay, states, acts, step, parts, model_flops / (devices * step * dev.peak_flops),
+                    tokens / step / devices)  # fmt: skip
+
+
+def enumerate_layouts(cfg: ModelConfig, devices: int, gpus_per_node: int) -> list[Layout]:
+    """Every TP x PP x DP x ZeRO x micro-batch x SP x recompute combination (unchecked)."""
+    out = []
+    tps = [t for t in _divisors(devices) if t <= max(gpus_per_node * 2, 1) and t & (t - 1) == 0]
+    for tp, pp in itertools.product(tps, _divisors(devices)):
+        if devices % (tp * pp) or pp > cfg.n_layers:
+            continue
+        for zero, mb, sp, rc in itertools.product(
+            (0, 1, 2, 3), (1, 2, 4, 8), (False, True), ("none", "selective", "full")
+        ):
+            if sp and tp == 1:
+                continue
+            out.append(Layout(tp, pp, devices // (tp * pp), zero, mb, sp, rc))
+    return out
+
+
+def plan(
+    cfg: ModelConfig,
+    devices: int,
+    device: Device,
+    global_batch: int,
+    seq_len: int | None = None,
+    usable_fraction: float = 0.9,
+    recipe: Recipe | None = None,
+) -> Plan:
+    """Estimate every buildable layout; keep those that fit ``usable_fraction`` of memory.
+
+    The rest of the device memory is left to the CUDA context, NCCL buffers and
+    allocator fragmentation.
+    """
+    if seq_len:
+        cfg = dataclasses.replace(cfg, seq_len=seq_len)
+    result = Plan(devices, device, device.memory_bytes * usable_fraction)
+    for lay in enumerate_layouts(cfg, devices, device.gpus_per_node):
+        reason, detail = layout_problem(cfg, lay, global_batch, device.gpus_per_node)
+        if reason:
+            result.rejected.setdefault(reason, []).append(f"{lay.short()}: {detail}")
+            continue
+        est = estimate(cfg, lay, device, global_batch, recipe)
+        if est.memory > result.usable_bytes:
+            result.too_big.append(est)
+        else:
+            result.fits.append(est)
+    result.fits.sort(key=lambda e: (e.step_s, e.memory))
+    result.too_big.sort(key=lambda e: e.memory)
+    return result
+
+
+def describe_memory(e: Estimate) -> str:
+    """``states P+G+O = X GB + activations Y GB = Z GB`` for one estimate."""
+    st = e.states
+    return (
+        f"params {st['params'] / GB:.1f} + grads {st['grads'] / GB:.1f} + "
+        f"optimizer {st['optimizer'] / GB:.1f} + activations {e.activations / GB:.1f} = "
+        f"{e.memory / GB:.1f} GB"
+    )
+
+
+def format_plan(p: Plan, top: int = 10) -> str:
+    """The best layouts, then every rejection reason with counts and examples (with numbers)."""
+    d = p.device
+    lines = [
+        f"device {d.name}: peak {d.peak_flops / 1e12:.0f} TFLOP/s dense bf16, {d.memory_bytes / GB:.0f} GB "
+        f"({p.usable_bytes / GB:.1f} GB usable), HBM {d.hbm_bytes_per_s / 1e12:.2f} TB/s, NVLink "
+        f"{d.intra_node_bytes_per_s / GB:.0f} GB/s, IB {d.inter_node_bytes_per_s / GB:.0f} GB/s per GPU",
+        "predicted MFU = model FLOPs/step (6*N_mm + 12*L*T*d per token) / (devices x step time x peak)",
+        "",
+        f"best of {len(p.fits)} layouts that fit {p.devices} devices:",
+        f"{'#':>3} {'layout':<52} {'mem GB':>7} {'step s':>8} {'tok/s/dev':>10} {'MFU':>6}  "
+        "compute/bubble/tp/pp/dp comm (s)",
+    ]
+    for i, e in enumerate(p.fits[:top], 1):
+        q = e.parts
+        lines.append(
+            f"{i:>3} {e.layout.short():<52} {e.memory / GB:>7.1f} {e.step_s:>8.2f} "
+            f"{e.tokens_per_s_per_device:>10,.0f} {e.mfu:>6.1%}  {q['compute']:.2f}/{q['bubble']:.2f}/"
+            f"{q['tp_comm']:.2f}/{q['pp_comm']:.2f}/{q['dp_comm']:.2f}"
+        )
+    if p.fits:
+        lines.append(f"    memory of #1: {describe_memory(p.fits[0])}")
+    lines += ["", "rejected:"]
+    if p.too_big:
+        n, cap = len(p.too_big), p.usable_bytes / GB
+        lines.append(f"  out of memory ({n} layouts > {cap:.1f} GB); per tp x pp x zero, the smallest:")
+        smallest: dict[tuple[int, int, int], Estimate] = {}
+        for e in p.too_big:  # sorted by memory: the first of each group is its smallest
+            smallest.setdefault((e.layout.tp, e.layout.pp, e.layout.zero), e)
+        shown = list(smallest.values())
+        for e in shown[: 2 * top]:
+            lines.append(f"    {e.layout.short()}: {describe_memory(e)}")
+        if len(shown) > 2 * top:
+            lines.append(f"    ... {len(shown) - 2 * top} more groups")
+    for reason, items in sorted(p.rejected.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {reason} ({len(items)} layouts), e.g. {items[0]}")
+    return "\n".join(lines)
