@@ -10,7 +10,9 @@
 # Results land in $GPU_CHECK_OUT (default runs/gpu_check/<UTC time>/): one log per
 # step, bench_kernels.json, summary.txt. Copy the numbers into docs/performance.md.
 #
-# Adding a check (e.g. the 1.3B end-to-end training run): write a function
+# Steps: environment, kernel_tests, kernel_bench, e2e (GPT-3 1.3B training steps at seq 2048,
+# bf16, Triton kernels vs PyTorch/SDPA: tokens/s and MFU; see docs/performance.md).
+# Adding a check: write a function
 # step_<name> below that returns non-zero on failure, give it a time cap in
 # STEP_TIMEOUT, and append <name> to STEPS. Keep the total under 8 minutes.
 set -uo pipefail
@@ -46,8 +48,53 @@ step_kernel_bench() {
     TRITON_INTERPRET=0 "$PY" launch/bench_kernels.py "${quick[@]}" --json "$OUT/bench_kernels.json"
 }
 
-STEPS=(environment kernel_tests kernel_bench)
-declare -A STEP_TIMEOUT=([environment]=60 [kernel_tests]=200 [kernel_bench]=270)
+step_e2e() {
+    # GPU end-to-end check (issue 8): GPT-3 1.3B (configs/model/gpt3-1.3b.yaml) at seq 2048,
+    # bf16, one GPU, micro-batch 8, 2 warm-up + 4 timed optimizer steps through the trainer's
+    # DeepSpeed engine (megalm.perf.worker), with model.kernels=triton and =torch (SDPA).
+    # Prints tokens/s and MFU (6*N_mm + 12*L*T*d, dense bf16 peak) of both; goal MFU >= 50%.
+    local data="$OUT/e2e_data" steps=4
+    [[ -n "${GPU_CHECK_QUICK:-}" ]] && steps=2
+    if [[ ! -f "$data/shards/manifest.json" ]]; then
+        "$PY" -m data_tools.stdlib_corpus --output "$data/raw" --max-mb 2 &&
+            "$PY" -m data_tools.train_tokenizer --input "$data/raw" --vocab-size 4096 --output "$data/tok" &&
+            "$PY" -m data_tools.preprocess --input "$data/raw" --tokenizer "$data/tok" \
+                --output "$data/shards" --workers 4 --val-fraction 0.01 >/dev/null || return 1
+    fi
+    "$PY" -m megalm.perf.presets --config configs/tiny.yaml --model configs/model/gpt3-1.3b.yaml \
+        --out "$OUT/e2e_config.yaml" >/dev/null || return 1
+    local rc=0 kernels
+    for kernels in triton torch; do
+        TRITON_INTERPRET=0 "$PY" -m megalm.perf.worker --config "$OUT/e2e_config.yaml" \
+            --out "$OUT/e2e_$kernels" --steps "$steps" --warmup 2 \
+            data.dir="$data/shards" run.dir="$OUT/e2e_run_$kernels" model.kernels=$kernels \
+            precision.dtype=bf16 training.micro_batch=8 training.global_batch=8 zero.stage=0 || rc=1
+    done
+    "$PY" - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = {k: json.loads((out / f"e2e_{k}" / "result.json").read_text()) for k in ("triton", "torch")
+        if (out / f"e2e_{k}" / "result.json").exists()}
+for k, r in rows.items():
+    if r.get("status") != "ok":
+        print(f"e2e {k}: {r.get('status')}: {r.get('error')}")
+        continue
+    goal = "ok" if r["mfu"] >= 0.5 else "MISS"
+    print(f"e2e {k:<6}: {r['tokens_per_s']:>9,.0f} tok/s  MFU {r['mfu']:.1%} ({goal}, goal >= 50%)  "
+          f"HFU {r['hfu']:.1%}  step {r['step_s'] * 1e3:.0f} ms (fwd {r['forward_s'] * 1e3:.0f}, "
+          f"bwd {r['backward_s'] * 1e3:.0f}, opt {r['optimizer_s'] * 1e3:.0f})  peak {r['peak_mem_gb']:.1f} GB")
+ok = [r for r in rows.values() if r.get("status") == "ok"]
+if ok:
+    print("formula:", ok[0]["formula"])
+if len(ok) == 2:
+    print(f"e2e triton / torch tokens/s = {rows['triton']['tokens_per_s'] / rows['torch']['tokens_per_s']:.3f}")
+PYEOF
+    return $rc
+}
+
+STEPS=(environment kernel_tests kernel_bench e2e)
+declare -A STEP_TIMEOUT=([environment]=60 [kernel_tests]=200 [kernel_bench]=270 [e2e]=240)
 # -----------------------------------------------------------------------------
 
 if (($# > 0)); then STEPS=("$@"); fi
