@@ -91,13 +91,16 @@ def _encode(batch: list[Record]) -> tuple[int, list[tuple[str, bool, bytes, int]
     return batch[-1].done_bytes, out
 
 
-def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+def _batched(records: Iterable[Record], docs: int, size: int = 1 << 19) -> Iterator[list[Record]]:
+    """Lists of at most ``docs`` records or about ``size`` payload bytes (long documents: fewer per batch)."""
     batch: list[Record] = []
+    nbytes = 0
     for r in records:
         batch.append(r)
-        if len(batch) == size:
+        nbytes += len(r.payload)
+        if len(batch) == docs or nbytes >= size:
             yield batch
-            batch = []
+            batch, nbytes = [], 0
     if batch:
         yield batch
 

@@ -142,11 +142,10 @@ class TrainBatches:
         self._it: Iterator | None = None
 
     # -- the pipeline --------------------------------------------------------------------
-    def _steps(self) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
-        return _steps(self.schedule, self.samplers, self.global_batch, self.consumed, list(self.counts))
-
-    def _rank_slice(self, steps: Iterator) -> Iterator[_MicroBatch]:
-        return _rank_slice(steps, self.micro_batch, self.dp_size, self.dp_rank, self.accum)
+    def _pipeline(self) -> Iterator:
+        steps = _steps(self.schedule, self.samplers, self.global_batch, self.consumed, list(self.counts))
+        micro_batches = _rank_slice(steps, self.micro_batch, self.dp_size, self.dp_rank, self.accum)
+        return self._materialize(micro_batches)
 
     def _materialize(self, micro_batches: Iterator[_MicroBatch]) -> Iterator:
         builder = _Builder(self.sources, self.with_ids)
@@ -171,11 +170,6 @@ class TrainBatches:
 
     def __del__(self) -> None:
         self.close()
-
-    def _pipeline(self) -> Iterator:
-        steps = self._steps()
-        micro_batches = self._rank_slice(steps)
-        return self._materialize(micro_batches)
 
     # -- what the trainer calls ----------------------------------------------------------
     def step_batches(self) -> list[tuple[torch.Tensor, ...]]:
