@@ -51,6 +51,13 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, An
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # DeepSpeed's pipeline sends 1/tp of each activation per TP rank and all-gathers it at
+        # the receiver, assuming TP peers hold identical activations. With sequence
+        # parallelism each peer holds a different sequence slice, so send whole tensors.
+        "pipeline": {
+            "pipe_partitioned": not cfg.parallel.sequence_parallel,
+            "grad_partitioned": not cfg.parallel.sequence_parallel,
+        },
         "steps_per_print": 2**31 - 1,  # megalm logs its own metrics
         "wall_clock_breakdown": False,
     }
