@@ -1,7 +1,8 @@
 """Data pipeline benchmark: preprocessing and loader throughput against bare baselines.
 
-1. Preprocessing: ``data_tools.preprocess`` with ``--workers W`` end to end (read
-   JSON lines, tokenize, val split, write tar shards, checksums, index) versus
+1. Preprocessing: ``python -m data_tools.preprocess --workers W`` end to end
+   (interpreter start, read JSON lines, tokenize, val split, write tar shards,
+   checksums, index) versus
    ``tokenizers``' own ``encode_batch`` on the same texts in one process (Rust
    threads on all cores), already in memory. Goal: ratio >= 0.8.
 2. Loader: ``TrainBatches.step_batches()`` (global order, packing, int64 tensors)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from data_tools.megatron import export_megatron  # noqa: E402
-from data_tools.preprocess import preprocess  # noqa: E402
 from data_tools.stdlib_corpus import build_corpus  # noqa: E402
 from data_tools.train_tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from megalm.data import TrainBatches, load_manifest, open_split  # noqa: E402
@@ -43,18 +45,27 @@ def bench_preprocess(work: Path, mb: float, workers: int, vocab: int) -> dict:
     t0 = time.perf_counter()
     raw_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
     raw_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    m = preprocess(
-        [str(corpus)],
-        tok_path,
-        work / "shards",
-        workers=workers,
-        shard_tokens=2_000_000,
-        val_fraction=0.01,
-        progress=False,
-    )
+    t0 = time.perf_counter()  # the CLI as users run it: interpreter start to manifest written
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_tools.preprocess",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(tok_path),
+        "--output",
+        str(work / "shards"),
+        "--workers",
+        str(workers),
+        "--shard-tokens",
+        "2000000",
+        "--val-fraction",
+        "0.01",
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     ours_s = time.perf_counter() - t0
-    ours_tokens = sum(s["tokens"] for s in m["shards"])
+    ours_tokens = sum(s["tokens"] for s in load_manifest(work / "shards").shards)
     assert ours_tokens == raw_tokens, (ours_tokens, raw_tokens)
     return {
         "documents": n_docs,
