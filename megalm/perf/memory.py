@@ -83,24 +83,29 @@ def zero_model_state_bytes(
     return {"params": p, "grads": g, "optimizer": o, "total": p + g + o}
 
 
-def deepspeed_fp32_state_bytes(params: float, dp: int, stage: int) -> dict[str, float]:
-    """What DeepSpeed 0.16-0.19 actually keeps per rank for fp32 training with Adam.
+def deepspeed_fp32_state_bytes(
+    params: float, dp: int, stage: int, reduce_bucket_elements: float = 5e8
+) -> dict[str, float]:
+    """What DeepSpeed 0.16-0.19 keeps per rank for fp32 training with Adam, after a backward.
 
-    Same as :func:`zero_model_state_bytes` with 4 + 4 + 8 except: ZeRO 1 and 2 flatten
-    the model into fp32 buffers and keep an fp32 "master" partition anyway
-    (``single_partition_of_fp32_groups``, +4 Psi / N_d), whose gradient partition is
-    also held (+4 Psi / N_d); ZeRO 1 keeps the full gradients until the step.
-    Stage 3 keeps partitions of the parameters, an fp32 partition copy and its
-    gradient (+4 +4 Psi / N_d). Checked against measurement in tests/test_perf_measure.py.
+    Measured (``tests/test_benchmark.py``), not the paper's idealization:
+
+    - stage 0: ``4 + 4 + 8`` bytes per parameter, as :func:`zero_model_state_bytes`;
+    - stages 1 and 2 are the same code path: full fp32 parameters ``4 Psi``; the gradients
+      are reduced into this rank's partition during the backward (``4 Psi / N_d``); an
+      fp32 "master" partition is kept even in fp32 (``single_partition_of_fp32_groups``)
+      next to Adam's momentum and variance (``12 Psi / N_d``);
+    - stage 3: parameter, gradient, master and Adam partitions (``20 Psi / N_d``) plus a
+      fixed fp32 gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's default
+      5e8: 2 GB, independent of the model size).
     """
-    base = zero_model_state_bytes(params, dp, stage, StateBytes.fp32_adam())
     if stage == 0:
-        return base
-    extra = 8 * params / dp  # fp32 master partition + its gradient partition
-    base = dict(base)
-    base["optimizer"] += extra
-    base["total"] += extra
-    return base
+        return zero_model_state_bytes(params, dp, 0, StateBytes.fp32_adam())
+    if stage in (1, 2):
+        p, g, o = 4 * params, 4 * params / dp, 12 * params / dp
+    else:
+        p, g, o = 4 * params / dp, 4 * params / dp + 4 * reduce_bucket_elements, 12 * params / dp
+    return {"params": p, "grads": g, "optimizer": o, "total": p + g + o}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""The throughput sweep: parsing, launch commands, outputs, and real CPU sweeps (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megalm.config import ConfigError, load_config
+from megalm.model import param_count
+from megalm.perf.memory import Recipe, activation_bytes, deepspeed_fp32_state_bytes
+from megalm.perf.sweep import SweepSettings, format_table, launch_command, parse_sweep, write_outputs
+from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+
+
+def test_parse_sweep_product_and_zip():
+    assert parse_sweep(["a.b=1,2", "c.d=x,y"]) == [
+        {"a.b": "1", "c.d": "x"},
+        {"a.b": "1", "c.d": "y"},
+        {"a.b": "2", "c.d": "x"},
+        {"a.b": "2", "c.d": "y"},
+    ]
+    assert parse_sweep(["a.b=1,2", "c.d=x,y"], zipped=True) == [
+        {"a.b": "1", "c.d": "x"},
+        {"a.b": "2", "c.d": "y"},
+    ]
+    with pytest.raises(ConfigError, match="same number of values"):
+        parse_sweep(["a.b=1,2", "c.d=x"], zipped=True)
+    with pytest.raises(ConfigError, match="key.sub=v1,v2"):
+        parse_sweep(["a.b"])
+
+
+def test_launch_commands(tmp_path):
+    s = SweepSettings("c.yaml", tmp_path)
+    assert launch_command(s, ["x=1"], 1, tmp_path)[1:3] == ["-m", "megalm.perf.worker"]
+    torchrun = launch_command(s, [], 4, tmp_path)
+    assert Path(torchrun[0]).name == "torchrun" and torchrun[1:3] == ["--nproc_per_node", "4"]
+    s.launcher = "deepspeed"
+    ds = launch_command(s, [], 2, tmp_path)
+    assert Path(ds[0]).name == "deepspeed" and "--module" in ds and ds[2] == "2"
+    s.launcher = "srun"
+    assert launch_command(s, [], 16, tmp_path)[:3] == ["srun", "--ntasks", "16"]
+    s.launcher = "python"
+    with pytest.raises(ConfigError, match="needs 2"):
+        launch_command(s, [], 2, tmp_path)
+
+
+def test_outputs_include_failed_rows(tmp_path):
+    ok = {"index": 0, "parallel.tp": "1", "nproc": 1, "status": "ok", "tokens_per_s_per_device": 100.0,
+          "tflops_per_device": 0.01, "mfu": 0.2, "hfu": 0.2, "peak_mem_gb": 1.0, "step_s": 0.5,
+          "forward_s": 0.1, "backward_s": 0.3, "optimizer_s": 0.1, "comm_s": 0.05}  # fmt: skip
+    bad = {"index": 1, "parallel.tp": "3", "nproc": 3, "status": "failed", "error": "n_heads % tp"}
+    paths = write_outputs([ok, bad], ["parallel.tp"], tmp_path)
+    assert [p.name for p in paths] == ["results.csv", "results.json", "throughput.png", "step_time.png"]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert rows[1]["status"] == "failed" and rows[1]["error"] == "n_heads % tp"
+    assert all(p.stat().st_size > 1000 for p in paths[2:])
+    table = format_table([ok, bad], ["parallel.tp"])
+    assert "20.0%" in table and "n_heads % tp" in table
+
+
+def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [
+        PYTHON,
+        str(ROOT / "launch" / "benchmark.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
+
+
+def _fixed(tmp_path: Path, shards_dir: Path) -> list[str]:
+    return [o for o in tiny_overrides(tmp_path / "unused", shards_dir) if not o.startswith("run.dir")]
+
+
+@pytest.mark.slow
+def test_sweep_tp_pp_micro_batch_on_cpu_with_an_impossible_configuration(tmp_path, shards_dir):
+    """Issue 8, must-hold 3: four configurations varying tp, pp and micro-batch on 2 processes;
+    tp=2 x pp=2 cannot fit 2 processes and is reported with the trainer's message."""
+    out = tmp_path / "bench"
+    sweep = ["parallel.tp=1,2,1,2", "parallel.pp=1,1,2,2", "training.micro_batch=1,2,2,1"]
+    proc = _benchmark(["--out", str(out), "--zip", "--nproc", "2", "--steps", "2", "--sweep", *sweep,
+                       "--set", *_fixed(tmp_path, shards_dir)])  # fmt: skip
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one configuration failed, the others ran
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+    assert "tp(2) * pp(2)" in rows[3]["error"] and "world_size(2)" in rows[3]["error"]
+    for r in rows[:3]:
+        assert r["tokens_per_s_per_device"] > 0 and r["mfu"] > 0 and r["peak_mem_gb"] > 0
+        assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["optimizer_s"] > 0
+        assert r["forward_s"] + r["backward_s"] + r["optimizer_s"] <= r["step_s"] * 1.05
+        assert "6*N_mm + 12*L*T*d" in r["formula"]
+    assert rows[0]["comm_s"] > 0  # dp=2 gradient all-reduce
+    assert rows[1]["comm_s"] > 0 and rows[2]["comm_s"] > 0  # TP collectives, pipeline send/recv
+    for name in ("results.csv", "throughput.png", "step_time.png"):
+        assert (out / name).stat().st_size > 0
+    assert "tp(2) * pp(2)" in proc.stdout and "MFU" in proc.stdout
+
+
+@pytest.mark.slow
+def test_measured_model_states_and_activations_match_the_memory_model(tmp_path, shards_dir):
+    """Issue 8, must-hold 2: DP=2 under deepspeed, ZeRO 0-3: parameters + gradients + optimizer
+    states within 5% of :func:`deepspeed_fp32_state_bytes`, activations within 25%."""
+    out = tmp_path / "bench"
+    fixed = _fixed(tmp_path, shards_dir)
+    proc = _benchmark(["--out", str(out), "--dp", "2", "--launcher", "deepspeed", "--steps", "1",
+                       "--sweep", "zero.stage=0,1,2,3", "--set", *fixed])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*fixed, "model.vocab_size=512"]).model
+    psi = param_count(cfg)
+    for r in rows:
+        stage = int(r["zero.stage"])
+        predicted = deepspeed_fp32_state_bytes(psi, 2, stage)["total"]
+        measured = r["model_state_bytes"]
+        act = activation_bytes(cfg, 2, recipe=Recipe.megalm(cfg, "fp32", fused_kernels=False))
+        print(f"zero {stage}: states measured {measured:,} predicted {predicted:,.0f} "
+              f"({measured / predicted:.3f}); activations {r['activation_bytes_per_micro_batch']:,} "
+              f"predicted {act:,.0f}")  # fmt: skip
+        assert measured == pytest.approx(predicted, rel=0.05)
+        if stage == 3:  # the parameter-proportional part alone, without DeepSpeed's fixed 2 GB bucket
+            assert measured - 2e9 == pytest.approx(predicted - 2e9, rel=0.05)
+        assert r["activation_bytes_per_micro_batch"] == pytest.approx(act, rel=0.25)
