@@ -117,21 +117,51 @@ def _released(items: Iterable, slots: threading.BoundedSemaphore) -> Iterator:
         yield item
 
 
+class _HashingFile:
+    """A write-only file that also feeds every byte to sha256 (no second pass over the shard)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f, self.sha = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _npy_data_start(npy: bytes) -> int:
+    """Offset of the array data in ``.npy`` bytes (format 1.0: 2-byte header length, 2.0+: 4-byte)."""
+    if npy[6] == 1:
+        return 10 + int.from_bytes(npy[8:10], "little")
+    return 12 + int.from_bytes(npy[8:12], "little")
+
+
 class ShardWriter:
     """Writes ``<split>-NNNNN.tar`` shards of at most ``shard_tokens`` tokens each, plus index sidecars.
 
     Plain ustar members with fixed metadata (mtime 0, owner megalm), so equal
-    inputs give equal bytes; webdataset reads them as ordinary shards.
+    inputs give equal bytes; webdataset reads them as ordinary shards. The sha256
+    and the index (offset of each document's tokens, token count) are computed
+    while writing.
     """
 
     def __init__(self, output: Path, split: str, shard_tokens: int) -> None:
         self.output, self.split, self.shard_tokens = output, split, shard_tokens
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
+        self._file: _HashingFile | None = None
+        self._index: list[tuple[int, int]] = []
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):05d}.tar"
-        self._tar = tarfile.open(self.output / name, "w", format=tarfile.USTAR_FORMAT)
+        self._file = _HashingFile(self.output / name)
+        self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._index = []
         self.shards.append({"file": name, "split": self.split, "documents": 0, "tokens": 0})
 
     def write(self, npy: bytes, n_tokens: int) -> None:
@@ -142,7 +172,9 @@ class ShardWriter:
         shard = self.shards[-1]
         info = tarfile.TarInfo(f"{shard['documents']:09d}.ids.npy")
         info.size, info.mode, info.uname, info.gname = len(npy), 0o444, "megalm", "megalm"
+        header_at = self._tar.offset
         self._tar.addfile(info, io.BytesIO(npy))
+        self._index.append((header_at + tarfile.BLOCKSIZE + _npy_data_start(npy), n_tokens))
         shard["documents"] += 1
         shard["tokens"] += n_tokens
 
@@ -150,21 +182,13 @@ class ShardWriter:
         """Finish the open shard: checksum and index sidecar."""
         if self._tar is not None:
             self._tar.close()
-            self._tar = None
+            self._file.close()
             shard = self.shards[-1]
+            shard["sha256"] = self._file.sha.hexdigest()
             path = self.output / shard["file"]
-            shard["sha256"] = sha256_file(path)
-            write_index(path)
-
-
-def write_index(path: Path) -> Path:
-    """Write ``<shard>.index.npy`` (see ``megalm.data.shards``) by scanning the shard's headers."""
-    from megalm.data.shards import scan_shard  # here, not at import: workers need not load torch
-
-    sidecar = path.with_name(path.name + ".index.npy")
-    with open(sidecar, "wb") as f:
-        np.save(f, scan_shard(path), allow_pickle=False)
-    return sidecar
+            with open(path.with_name(path.name + ".index.npy"), "wb") as f:
+                np.save(f, np.array(self._index, dtype=np.int64).reshape(-1, 2), allow_pickle=False)
+            self._tar = self._file = None
 
 
 def _write(
