@@ -77,6 +77,14 @@ def _fixed(tmp_path: Path, shards_dir: Path) -> list[str]:
     return [o for o in tiny_overrides(tmp_path / "unused", shards_dir) if not o.startswith("run.dir")]
 
 
+def test_bad_sweep_key_with_a_model_preset_fails_before_launching(tmp_path):
+    preset = str(ROOT / "configs" / "model" / "gpt3-125m.yaml")
+    proc = _benchmark(["--out", str(tmp_path), "--model", preset, "--sweep", "training.micro_bach=1,2"])
+    assert proc.returncode == 2 and "did you mean 'training.micro_batch'" in proc.stderr
+    merged = (tmp_path / "base_config.yaml").read_text()
+    assert "d_model: 768" in merged and not list(tmp_path.glob("config_*"))
+
+
 @pytest.mark.slow
 def test_sweep_tp_pp_micro_batch_on_cpu_with_an_impossible_configuration(tmp_path, shards_dir):
     """Issue 8, must-hold 3: four configurations varying tp, pp and micro-batch on 2 processes;

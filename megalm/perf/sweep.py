@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,11 @@ def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def run_sweep(
-    s: SweepSettings, sweep_items: list[str], fixed: list[str], log=print, zipped: bool = False
+    s: SweepSettings,
+    sweep_items: list[str],
+    fixed: list[str],
+    log: Callable[[str], None] = print,
+    zipped: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every configuration of ``sweep_items`` (product, or zipped) plus ``fixed`` overrides."""
     combos = parse_sweep(sweep_items, zipped) if sweep_items else [{}]
