@@ -232,3 +232,31 @@ def test_fewer_shards_than_ranks_times_workers_does_not_hang(tmp_path):
     assert {len(p) for p in per_rank} == {7} and all(len(s) == 2 for p in per_rank for s in p)
     rows = sorted(tuple(row) for p in per_rank for s in p[:6] for x, _ in s for row in x.tolist())
     assert len(set(rows)) == len(rows) == N_WINDOWS
+
+
+def test_position_and_doc_ids_restart_at_every_document_boundary():
+    docs = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10, 11, 12, 13]), np.array([14])]
+    w = PackedWindows(docs, seq_len=6, eos_id=EOS)  # stream: 5 6 7 E 8 E 9 10 11 12 13 E 14 E
+    tokens, pos, doc = w.window(0, with_ids=True)
+    assert tokens.tolist() == [5, 6, 7, EOS, 8, EOS, 9]
+    assert doc.tolist() == [0, 0, 0, 0, 1, 1] and pos.tolist() == [0, 1, 2, 3, 0, 1]
+    x, y, p, d = w.batch(np.array([0, 1]), with_ids=True)
+    assert x[1].tolist() == [9, 10, 11, 12, 13, EOS] and p[1].tolist() == list(range(6))
+    assert d[1].tolist() == [0] * 6 and torch.equal(x[:, 1:], y[:, :-1])
+    run = TrainBatches(w, 0, 2, 1, 0, 1, with_ids=True)
+    assert all(len(mb) == 4 and mb[0].shape == mb[3].shape == (1, 6) for mb in run.step_batches())
+
+
+def test_blend_config_builds_one_loader_over_several_directories(unique_dir, tmp_path):
+    from megalm.config.schema import DataConfig
+    from megalm.data import open_train_batches
+
+    other = write_shards(tmp_path / "other", unique_docs(seed=1, first=40000), n_shards=2)
+    cfg = DataConfig(dir=str(unique_dir), blend=f"3:{unique_dir},1:{other}", workers=0)
+    run = open_train_batches(cfg, load_manifest(unique_dir), T, 16, 4, 0, 1)
+    rows = np.array([r for _ in range(4) for x, _ in run.step_batches() for r in x.tolist()])
+    assert int((rows.max(axis=1) >= 40000).sum()) == 16 and len(rows) == 64
+    with pytest.raises(DataError, match="data.blend entry 'x' is not weight:path"):
+        open_train_batches(
+            DataConfig(dir=str(unique_dir), blend="x"), load_manifest(unique_dir), T, 16, 4, 0, 1
+        )
