@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # CPU machines get the CPU wheel of torch 2.13.0; on a GPU machine pip takes the CUDA build.
 TORCH  ?= torch==2.13.0
 DATA   := data/stdlib
+# DeepSpeed JIT-builds a CPU comm op; keep its build cache inside the venv (built once).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 

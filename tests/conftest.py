@@ -19,6 +19,9 @@ def subprocess_env() -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # DeepSpeed JIT-builds its CPU shared-memory comm op; a cache per venv is built once,
+    # while a cache shared with other venvs (other flags) is rebuilt at every start.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

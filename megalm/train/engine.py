@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from megalm.config import Config
+from megalm.model import param_count
 from megalm.train.optim import make_optimizer, make_scheduler
 
 
@@ -42,6 +43,11 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, An
         # Gather parameters on every forward: keeps memory predictable for small models
         # and makes eval/generation identical across ranks.
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    if cfg.zero.stage >= 1 and cfg.model.vocab_size:
+        # DeepSpeed's default buckets hold 5e8 elements (2 GB of fp32 per rank even for a tiny
+        # model); no bucket needs to exceed the model.
+        bucket = int(min(5e8, max(2**20, param_count(cfg.model))))
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     return {
         "train_batch_size": cfg.training.global_batch,
         "train_micro_batch_size_per_gpu": cfg.training.micro_batch,
