@@ -95,9 +95,10 @@ def deepspeed_fp32_state_bytes(
       are reduced into this rank's partition during the backward (``4 Psi / N_d``); an
       fp32 "master" partition is kept even in fp32 (``single_partition_of_fp32_groups``)
       next to Adam's momentum and variance (``12 Psi / N_d``);
-    - stage 3: parameter, gradient, master and Adam partitions (``20 Psi / N_d``) plus a
-      fixed fp32 gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's default
-      5e8: 2 GB, independent of the model size).
+    - stage 3: parameter, gradient, master and Adam partitions (``20 Psi / N_d``) plus an
+      fp32 gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's default 5e8 =
+      2 GB whatever the model; megalm caps it at the model size,
+      :func:`megalm.train.engine.zero_bucket_elements`).
     """
     if stage == 0:
         return zero_model_state_bytes(params, dp, 0, StateBytes.fp32_adam())

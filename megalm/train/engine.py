@@ -35,6 +35,12 @@ def gradient_accumulation(cfg: Config, dp: int) -> int:
     return t.global_batch // (t.micro_batch * dp)
 
 
+def zero_bucket_elements(n_params: int) -> int:
+    """ZeRO reduce/all-gather bucket size in elements: DeepSpeed's default 5e8 (2 GB of fp32
+    per rank, however small the model), capped at the model size (at least 2^20)."""
+    return int(min(5e8, max(2**20, n_params)))
+
+
 def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed JSON config equivalent of ``cfg`` for ``dp`` data-parallel ranks."""
     dtype = resolve_dtype(cfg, device)
@@ -44,9 +50,7 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, An
         # and makes eval/generation identical across ranks.
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if cfg.zero.stage >= 1 and cfg.model.vocab_size:
-        # DeepSpeed's default buckets hold 5e8 elements (2 GB of fp32 per rank even for a tiny
-        # model); no bucket needs to exceed the model.
-        bucket = int(min(5e8, max(2**20, param_count(cfg.model))))
+        bucket = zero_bucket_elements(param_count(cfg.model))
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     return {
         "train_batch_size": cfg.training.global_batch,
