@@ -32,6 +32,8 @@ def run_pretrain(
         cmd = [PYTHON, *script]
     elif launcher == "deepspeed":
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, *script]
+    elif launcher == "mpirun":
+        cmd = [str(VENV_BIN / "mpiexec"), "-n", str(nproc), PYTHON, *script]
     else:
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, *script]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)

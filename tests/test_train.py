@@ -68,6 +68,13 @@ def test_torchrun_dp2_equals_single_process(reference_run, shards_dir, tmp_path)
     assert_losses_equal(step_losses(reference_run), step_losses(tmp_path), range(1, 21))
 
 
+def test_mpirun_dp2_equals_single_process(reference_run, shards_dir, tmp_path):
+    """mpirun (mpich + mpi4py rank discovery) gives the same per-step losses as the single
+    process, as torchrun and deepspeed do above: the three launchers agree."""
+    run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"zero.stage": 1}), "mpirun", 2)
+    assert_losses_equal(step_losses(reference_run), step_losses(tmp_path), range(1, 21))
+
+
 def test_resume_at_step_10_equals_uninterrupted_run(reference_run, shards_dir, tmp_path):
     first = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 10}))
     assert first.returncode == 0, first.stderr[-3000:]
