@@ -102,7 +102,10 @@ def test_sweep_tp_pp_micro_batch_on_cpu_with_an_impossible_configuration(tmp_pat
     for r in rows[:3]:
         assert r["tokens_per_s_per_device"] > 0 and r["mfu"] > 0 and r["peak_mem_gb"] > 0
         assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["optimizer_s"] > 0
-        assert r["forward_s"] + r["backward_s"] + r["optimizer_s"] <= r["step_s"] * 1.05
+        # The parts account for the step. Each is a median over steps of its own, and a sum of
+        # medians is not the median of sums, so allow for noise on a loaded 2-core machine.
+        parts = r["forward_s"] + r["backward_s"] + r["optimizer_s"]
+        assert 0.5 * r["step_s"] <= parts <= 1.25 * r["step_s"]
         assert "6*N_mm + 12*L*T*d" in r["formula"]
     assert rows[0]["comm_s"] > 0  # dp=2 gradient all-reduce
     assert rows[1]["comm_s"] > 0 and rows[2]["comm_s"] > 0  # TP collectives, pipeline send/recv
