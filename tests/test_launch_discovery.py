@@ -131,7 +131,8 @@ DISCOVER = (
 def ranks_from(cmd: list[str]) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=str)
+    # mpiexec merges the ranks' stdout and may put two records on one line: find each object.
+    return sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", proc.stdout)), key=str)
 
 
 @pytest.mark.skipif(not (VENV_BIN / "mpiexec").exists(), reason="no mpiexec: pip install mpich mpi4py")
