@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import shutil
 import struct
 from collections.abc import Iterator
@@ -32,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.preprocess import MANIFEST_VERSION, ShardWriter
-from data_tools.train_tokenizer import EOS, PAD, load_tokenizer
-from megalm.data.shards import ShardDocuments, load_manifest, sha256_file
+from data_tools.preprocess import ShardWriter, write_manifest
+from data_tools.train_tokenizer import EOS, load_tokenizer
+from megalm.data.shards import ShardDocuments, load_manifest
 
 MAGIC = b"MMIDIDX\x00\x00"
 CODES = {
@@ -131,22 +130,7 @@ def import_megatron(
         writers[split].write(buf.getvalue(), len(doc))
     for w in writers.values():
         w.close()
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "tokenizer": {
-            "file": "tokenizer.json",
-            "sha256": sha256_file(output / "tokenizer.json"),
-            "vocab_size": vocab,
-            "eos_id": eos_id,
-            "pad_id": tok.token_to_id(PAD),
-        },
-        "dtype": dtype.name,
-        "skipped": {},
-        "source": f"megatron:{prefix}",
-        "shards": writers["train"].shards + writers["val"].shards,
-    }
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return write_manifest(output, tok, dtype, writers, {}, source=f"megatron:{prefix}")
 
 
 def export_megatron(root: Path, prefix: str, split: str = "train", append_eos: bool = True) -> int:

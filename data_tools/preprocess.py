@@ -231,7 +231,7 @@ def preprocess(
     files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size()
-    eos_id, pad_id = tok.token_to_id(EOS), tok.token_to_id(PAD)
+    eos_id = tok.token_to_id(EOS)
     if eos_id is None:
         raise InputError(
             f"tokenizer {tokenizer} has no {EOS} token; train it with data_tools.train_tokenizer"
@@ -268,19 +268,24 @@ def preprocess(
         w.close()
     if not stats.get("documents"):
         raise InputError(f"the inputs {inputs} hold no non-empty documents (text key '{text_key}')")
+    skipped = {k.removeprefix("skipped_"): v for k, v in sorted(stats.items()) if k.startswith("skipped_")}
+    return write_manifest(output, tok, dtype, writers, skipped)
+
+
+def write_manifest(output: Path, tok, dtype: np.dtype, writers: dict, skipped: dict, **extra) -> dict:
+    """Write ``output/manifest.json`` for closed train/val ``ShardWriter`` s; returns the manifest."""
     manifest = {
         "version": MANIFEST_VERSION,
         "tokenizer": {
             "file": "tokenizer.json",
             "sha256": sha256_file(output / "tokenizer.json"),
-            "vocab_size": vocab,
-            "eos_id": eos_id,
-            "pad_id": pad_id,
+            "vocab_size": tok.get_vocab_size(),
+            "eos_id": tok.token_to_id(EOS),
+            "pad_id": tok.token_to_id(PAD),
         },
         "dtype": dtype.name,
-        "skipped": {
-            k.removeprefix("skipped_"): v for k, v in sorted(stats.items()) if k.startswith("skipped_")
-        },
+        "skipped": skipped,
+        **extra,
         "shards": writers["train"].shards + writers["val"].shards,
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
