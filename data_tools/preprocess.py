@@ -43,18 +43,10 @@ from tqdm import tqdm
 
 from data_tools.inputs import InputError, Record, decode_record, expand_inputs, read_records
 from data_tools.train_tokenizer import EOS, PAD, load_tokenizer
+from megalm.data.shards import sha256_file
 
 MANIFEST_VERSION = 2
 _worker: dict = {}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_val(text: str, fraction: float) -> bool:
