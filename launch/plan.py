@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalm.config import ConfigError, load_config  # noqa: E402
-from megalm.model.flops import param_count  # noqa: E402
-from megalm.perf.flops import DEVICES  # noqa: E402
+from megalm.perf.devices import DEVICES  # noqa: E402
+from megalm.perf.flops import param_count  # noqa: E402
 from megalm.perf.memory import Recipe  # noqa: E402
 from megalm.perf.plan import format_plan, plan  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.paper() if args.recipe == "paper" else None
     print(
         f"model {args.model}: {cfg.family} L={cfg.n_layers} d={cfg.d_model} heads={cfg.n_heads}/"
-        f"{cfg.n_kv_heads or cfg.n_heads} T={cfg.seq_len} V={cfg.vocab_size}, "
+        f"{cfg.kv_heads} T={cfg.seq_len} V={cfg.vocab_size}, "
         f"{param_count(cfg) / 1e9:.2f}B parameters; {args.devices} x {args.device}, global batch {gb}"
     )
     result = plan(cfg, args.devices, DEVICES[args.device], gb, recipe=recipe)

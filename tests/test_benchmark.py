@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megalm.config import ConfigError, load_config
-from megalm.model import param_count
+from megalm.perf.flops import param_count
 from megalm.perf.memory import Recipe, activation_bytes, deepspeed_fp32_state_bytes
 from megalm.perf.sweep import SweepSettings, format_table, launch_command, parse_sweep, write_outputs
 from megalm.train.engine import zero_bucket_elements

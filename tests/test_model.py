@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megalm.config import ModelConfig
-from megalm.model import GPT, flops_per_token, generate, param_count
+from megalm.model import GPT, generate
+from megalm.perf.flops import model_flops_per_token, param_count
 
 
 def small(family: str, **kw) -> ModelConfig:
@@ -38,8 +39,8 @@ def test_param_count_gpt2_small_is_124m():
 def test_flops_per_token_formula_by_hand():
     cfg = ModelConfig(family="gpt2", vocab_size=1000, n_layers=2, d_model=64, n_heads=4, seq_len=32)
     n_mm = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 1024 * 64  # vocabulary padded to 8 * 128
-    assert flops_per_token(cfg) == 6 * n_mm + 12 * 2 * 32 * 64
-    assert flops_per_token(cfg, causal=True) == 6 * n_mm + 6 * 2 * 32 * 64
+    assert model_flops_per_token(cfg) == 6 * n_mm + 12 * 2 * 32 * 64
+    assert model_flops_per_token(cfg, causal=True) == 6 * n_mm + 6 * 2 * 32 * 64
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

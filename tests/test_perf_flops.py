@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from megalm.config import load_config
-from megalm.model import flops_per_token, param_count
+from megalm.perf.devices import DEVICES, known_device
 from megalm.perf.flops import (
-    DEVICES,
     hardware_flops_per_token,
     model_flops_per_token,
     narayanan_flops_per_iteration,
     narayanan_training_days,
+    param_count,
     utilization,
 )
 from megalm.perf.presets import compose
@@ -79,8 +79,6 @@ def test_full_recompute_hardware_flops_equal_narayanan_eq3():
     eq3 = narayanan_flops_per_iteration(B, s, 96, 12288, 51200)
     assert ours == pytest.approx(eq3, rel=1e-12)
     assert eq3 == pytest.approx(4.5110e18, rel=1e-4)
-    # without recompute the per-token count is the trainer's 6 N_mm + 12 L T d
-    assert model_flops_per_token(cfg) == flops_per_token(cfg)
     assert hardware_flops_per_token(cfg, "none") == model_flops_per_token(cfg)
 
 
@@ -118,3 +116,19 @@ def test_mfu_and_hfu_by_hand():
     assert u.hfu == pytest.approx(40_000 * hardware_flops_per_token(cfg, "full") / 989e12)
     assert u.hfu > u.mfu > u.mfu_causal
     assert "6*N_mm + 12*L*T*d" in u.formula() and "989.000 TFLOP/s (H200)" in u.formula()
+
+
+@pytest.mark.parametrize(
+    ("cuda_name", "key"),
+    [
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA A800-SXM4-80GB", "a800"),
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H800", "h800"),
+        ("NVIDIA H200", "h200"),
+    ],
+)
+def test_one_peak_table_names_every_datacenter_gpu(cuda_name, key):
+    """The trainer's MFU and the planner read the same table (A800/H800 included)."""
+    assert known_device(cuda_name) is DEVICES[key]
+    assert known_device("NVIDIA GeForce RTX 4090") is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megalm.config import ConfigError, load_config
-from megalm.train.trainer import check_config
+from megalm.parallel.layout import check_layout
 from tests.conftest import tiny_overrides
 from tests.launching import assert_losses_equal, run_pretrain, step_losses
 
@@ -113,7 +113,7 @@ def test_activation_checkpointing_gives_identical_losses(references, shards_dir,
 def test_invalid_pipeline_combinations_fail_before_training(overrides, world, message):
     cfg = load_config("configs/tiny.yaml", overrides)
     with pytest.raises(ConfigError) as e:
-        check_config(cfg, world)
+        check_layout(cfg, world)
     assert message in str(e.value)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megalm.config import ModelConfig
 from megalm.model import GPT
-from megalm.model.gpt import TP_PLAN, padded_vocab_size
+from megalm.model.gpt import TP_PLAN
 from megalm.parallel import (
     ColumnParallelLinear,
     LayoutError,
@@ -147,7 +147,7 @@ def test_dropout_differs_in_sharded_and_agrees_in_replicated_regions():
 
 def test_padded_vocabulary_is_masked_out_of_loss_and_logits():
     cfg = _cfg("llama", 2)
-    assert padded_vocab_size(cfg, 1) == 512 and padded_vocab_size(cfg, 8) == 1024
+    assert cfg.padded_vocab(1) == 512 and cfg.padded_vocab(8) == 1024
     torch.manual_seed(0)
     model = GPT(cfg)
     assert model.embed.tok_emb.weight.shape[0] == 512
@@ -246,11 +246,11 @@ def test_tp2_dp2_zero1_training_equals_single_process(shards_dir, tmp_path):
 )
 def test_invalid_layouts_name_the_values(overrides, message):
     from megalm.config import ConfigError, load_config
-    from megalm.parallel.validate import validate_layout
+    from megalm.parallel.layout import check_layout
 
     cfg = load_config(None, ["model.n_heads=4", "model.d_model=64", *overrides])
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate_layout(cfg.model, cfg.parallel, 12)
+        check_layout(cfg, 12)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Typed configuration: schema dataclasses, YAML loading, overrides, validation."""
 
-from megalm.config.load import ConfigError, apply_override, load_config, save_config, to_dict
+from megalm.config.errors import ConfigError
+from megalm.config.load import apply_override, load_config, save_config, to_dict
 from megalm.config.schema import (
     Config,
     DataConfig,

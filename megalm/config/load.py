@@ -15,11 +15,8 @@ from typing import Any
 
 import yaml
 
+from megalm.config.errors import ConfigError
 from megalm.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used as given."""
 
 
 def _suggest(key: str, valid: list[str]) -> str:

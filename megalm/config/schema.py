@@ -1,14 +1,32 @@
 """Typed configuration schema: one dataclass per YAML section.
 
-Every key a user can set lives here, with its default. ``megalm.config.load``
-turns YAML plus ``dotted.key=value`` overrides into these objects and rejects
-unknown keys and wrong types with a message that names the key.
+Every key a user can set lives here, with its default and its range: each section
+checks its own values in ``__post_init__`` (one :class:`ConfigError` naming the key and
+the fix), so a bad value stops the run before any process starts. ``megalm.config.load``
+turns YAML plus ``dotted.key=value`` overrides into these objects and rejects unknown
+keys and wrong types. Rules that combine sections with the world size (the parallel
+layout) live in :func:`megalm.parallel.layout.layout_problems`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from megalm.config.errors import require
+
+
+def _positive(section: str, obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(value > 0, f"{section}.{name} must be > 0, got {value}")
+
+
+def _non_negative(section: str, obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(value >= 0, f"{section}.{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -46,6 +64,60 @@ class ModelConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     vocab_multiple: int = 128  # pad the vocabulary to a multiple of vocab_multiple * parallel.tp
 
+    def __post_init__(self) -> None:
+        _positive("model", self, "n_layers", "d_model", "n_heads", "seq_len", "norm_eps", "rope_theta")
+        _positive("model", self, "init_std", "vocab_multiple")
+        _non_negative("model", self, "vocab_size", "n_kv_heads", "ffn_hidden")
+        require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
+        require(
+            self.d_model % self.n_heads == 0,
+            f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})",
+        )
+        require(
+            self.n_heads % self.kv_heads == 0,
+            f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})",
+        )
+        require(
+            self.family != "llama" or self.head_size % 2 == 0,
+            f"RoPE needs an even head size: model.d_model / model.n_heads = {self.head_size}",
+        )
+
+    @property
+    def head_size(self) -> int:
+        """Channels per attention head, ``d_model / n_heads``."""
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` (multi-head attention) when 0."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP width: ``ffn_hidden``, or the family default.
+
+        gpt2: ``4 d``. llama: ``2/3 * 4 d`` rounded up to a multiple of 64, so the three
+        SwiGLU matrices hold about as many parameters as a ``4 d`` GELU MLP
+        (Shazeer 2020, section 2; Touvron et al. 2023).
+        """
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        return 64 * math.ceil(int(2 * 4 * self.d_model / 3) / 64)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output head shares the token embedding (gpt2 default) or not (llama)."""
+        return self.family == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    def padded_vocab(self, tp: int = 1) -> int:
+        """Vocabulary rounded up to a multiple of ``vocab_multiple * tp`` (Megatron-LM's
+        ``make_vocab_size_divisible_by``): even shards and matmul-friendly sizes. Padded
+        rows are never targets and are masked out of the loss and of sampling."""
+        m = self.vocab_multiple * tp
+        return -(-self.vocab_size // m) * m
+
 
 @dataclass
 class DataConfig:
@@ -64,6 +136,9 @@ class DataConfig:
     workers: int = 0  # processes per rank building micro-batches (0: in the training process)
     on_bad_data: Literal["raise", "skip"] = "raise"
     verify: bool = True  # check every shard's sha256 against the manifest when opening it
+
+    def __post_init__(self) -> None:
+        _non_negative("data", self, "workers")
 
 
 @dataclass
@@ -90,6 +165,12 @@ class TrainingConfig:
     recompute: Literal["none", "full"] = "none"  # activation checkpointing of transformer blocks
     recompute_interval: int = 1  # keep the input of every N blocks, recompute the rest
 
+    def __post_init__(self) -> None:
+        _positive("training", self, "max_steps", "global_batch", "micro_batch", "log_interval")
+        _positive("training", self, "eval_interval", "eval_batches", "save_interval", "recompute_interval")
+        _non_negative("training", self, "keep_checkpoints", "sample_tokens", "sample_top_k")
+        _non_negative("training", self, "sample_temperature")
+
 
 @dataclass
 class OptimConfig:
@@ -105,6 +186,13 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr", "eps")
+        _non_negative("optim", self, "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(0 <= value < 1, f"optim.{name} must be in [0, 1), got {value}")
+
 
 @dataclass
 class ParallelConfig:
@@ -114,6 +202,9 @@ class ParallelConfig:
     pp: int = 1
     sequence_parallel: bool = False
     pp_partition: Literal["uniform", "parameters"] = "uniform"  # uniform: equal transformer blocks per stage
+
+    def __post_init__(self) -> None:
+        _positive("parallel", self, "tp", "pp")
 
 
 @dataclass
@@ -137,6 +228,9 @@ class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: int = 600
 
+    def __post_init__(self) -> None:
+        _positive("dist", self, "timeout_s")
+
 
 @dataclass
 class PreemptConfig:
@@ -152,6 +246,10 @@ class PreemptConfig:
     grace_s: float = 120.0
     requeue: bool = True
     exit_code: int = 75  # EX_TEMPFAIL: stopped early on purpose, run again to continue
+
+    def __post_init__(self) -> None:
+        _non_negative("preempt", self, "grace_s")
+        require(0 <= self.exit_code <= 255, f"preempt.exit_code must be in [0, 255], got {self.exit_code}")
 
 
 @dataclass

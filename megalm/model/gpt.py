@@ -23,30 +23,10 @@ from megalm.parallel.layers import (
 from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
 
 
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Raise ``ValueError`` naming the keys when the shape cannot be built."""
+def require_vocab(cfg: ModelConfig) -> None:
+    """The shape checks live in :class:`ModelConfig`; only the vocabulary is filled in later."""
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be > 0 (it is filled in from the tokenizer)")
-    if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"model.d_model ({cfg.d_model}) must be divisible by model.n_heads ({cfg.n_heads})")
-    kv = cfg.n_kv_heads or cfg.n_heads
-    if cfg.n_heads % kv:
-        raise ValueError(f"model.n_heads ({cfg.n_heads}) must be divisible by model.n_kv_heads ({kv})")
-    if cfg.family == "llama" and (cfg.d_model // cfg.n_heads) % 2:
-        raise ValueError("RoPE needs an even head size: d_model / n_heads must be even")
-
-
-def ties_embeddings(cfg: ModelConfig) -> bool:
-    """Whether the output head shares the token embedding (gpt2 default) or not (llama)."""
-    return cfg.family == "gpt2" if cfg.tie_embeddings is None else cfg.tie_embeddings
-
-
-def padded_vocab_size(cfg: ModelConfig, tp: int = 1) -> int:
-    """Vocabulary rounded up to a multiple of ``vocab_multiple * tp`` (Megatron-LM's
-    ``make_vocab_size_divisible_by``): even shards and matmul-friendly sizes. Padded
-    rows are never targets and are masked out of the loss and of sampling."""
-    m = max(1, cfg.vocab_multiple) * tp
-    return -(-cfg.vocab_size // m) * m
 
 
 # How tensor parallelism splits each module (Shoeybi et al. 2019). Checked against
@@ -122,7 +102,7 @@ class Embedding(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1
         self.sp_group = tp_group if self.sequence_parallel else None
         self.tok_emb = VocabParallelEmbedding(
-            padded_vocab_size(cfg, tp), cfg.d_model, tp_group, self.sequence_parallel
+            cfg.padded_vocab(tp), cfg.d_model, tp_group, self.sequence_parallel
         )
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.family == "gpt2" else None
         init_component(self, cfg, seed)
@@ -159,9 +139,7 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0) -> None:
         super().__init__()
-        self.proj = ColumnParallelLinear(
-            cfg.d_model, padded_vocab_size(cfg, tp_size(tp_group)), False, tp_group
-        )
+        self.proj = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab(tp_size(tp_group)), False, tp_group)
         init_component(self, cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +199,7 @@ class GPT(nn.Module):
         self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, init_seed: int | None = None
     ) -> None:
         super().__init__()
-        validate_model_config(cfg)
+        require_vocab(cfg)
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**62, (1,)).item())
         tp = tp_size(tp_group)
@@ -233,7 +211,7 @@ class GPT(nn.Module):
             SeededBlock(cfg, tp_group, sequence_parallel, component_seed(init_seed, 1 + i)) for i in range(L)
         )
         self.final_norm = FinalNorm(cfg, tp_group, sequence_parallel)
-        self.head = None if ties_embeddings(cfg) else Head(cfg, tp_group, component_seed(init_seed, L + 1))
+        self.head = None if cfg.tied else Head(cfg, tp_group, component_seed(init_seed, L + 1))
         self.loss = LMLoss(cfg, tp_group)
         self.recompute_interval = 0
 

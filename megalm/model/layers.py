@@ -7,8 +7,6 @@ nh=query heads, nkv=key/value heads, hs=head size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,8 +93,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
         super().__init__()
         tp = tp_size(group)
-        C, hs = cfg.d_model, cfg.d_model // cfg.n_heads
-        n_kv = cfg.n_kv_heads or cfg.n_heads
+        C, hs, n_kv = cfg.d_model, cfg.head_size, cfg.kv_heads
         self.group, self.sequence_parallel, self.head_size = group, sequence_parallel, hs
         self.local_heads = cfg.n_heads // tp
         self.kv_replicated = n_kv < tp
@@ -141,20 +138,6 @@ class Attention(nn.Module):
         return self.wo(y)
 
 
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    """MLP width: ``cfg.ffn_hidden`` or the family default.
-
-    gpt2: ``4 C``. llama: ``2/3 * 4 C`` rounded up to a multiple of 64, so the three
-    SwiGLU matrices hold about as many parameters as a ``4 C`` GELU MLP
-    (Shazeer 2020, section 2; Touvron et al. 2023).
-    """
-    if cfg.ffn_hidden:
-        return cfg.ffn_hidden
-    if cfg.family == "gpt2":
-        return 4 * cfg.d_model
-    return 64 * math.ceil(int(2 * 4 * cfg.d_model / 3) / 64)
-
-
 class MLP(nn.Module):
     """Position-wise MLP: SwiGLU ``W2 (silu(W1 x) * W3 x)`` (llama) or ``W2 gelu(W1 x)`` (gpt2).
 
@@ -164,7 +147,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
         super().__init__()
-        hidden = ffn_hidden_size(cfg)
+        hidden = cfg.ffn_size  # ModelConfig.ffn_size: 4d (gpt2) or SwiGLU's 8d/3
         gated = cfg.family == "llama"
         self.group, self.sequence_parallel = group, sequence_parallel
         self.w1 = ColumnParallelLinear(cfg.d_model, hidden, not gated, group)

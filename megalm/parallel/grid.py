@@ -32,15 +32,15 @@ class ParallelDims:
 
     @classmethod
     def from_world(cls, world_size: int, tp: int = 1, pp: int = 1) -> ParallelDims:
-        """Derive ``dp``; raises :class:`LayoutError` naming every factor."""
+        """Derive ``dp``; raises :class:`LayoutError` naming every factor
+        (:func:`megalm.parallel.layout.world_problem`)."""
+        from megalm.parallel.layout import world_problem
+
         if tp < 1 or pp < 1:
             raise LayoutError(f"parallel degrees must be >= 1, got tp({tp}) pp({pp})")
-        if world_size % (tp * pp):
-            dp = max(1, world_size // (tp * pp))
-            raise LayoutError(
-                f"tp({tp}) * pp({pp}) * dp({dp}) != world_size({world_size}): the world size must be a "
-                f"multiple of tp * pp = {tp * pp}"
-            )
+        problem = world_problem(world_size, tp, pp)
+        if problem is not None:
+            raise LayoutError(problem.message)
         return cls(tp, pp, world_size // (tp * pp))
 
     @property

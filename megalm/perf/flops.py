@@ -9,7 +9,7 @@ Conventions (every number megalm prints names the one it used):
   only the causal (lower) triangle of ``Q K^T`` and ``A V``. ``N_mm`` counts every
   matmul weight including the head, so it is GQA- and SwiGLU-aware: ``wk``/``wv``
   are ``d x d_kv`` and a SwiGLU MLP has three ``d x H`` matrices
-  (:func:`megalm.model.flops.matmul_params_per_layer`).
+  (:func:`matmul_params_per_layer`).
 - Hardware FLOPs per token (:func:`hardware_flops_per_token`) add the forward
   work that activation recompute repeats in the backward pass (Korthikanti et al.
   2022, section 5 and appendix A): full recompute reruns each layer's forward
@@ -19,7 +19,9 @@ Conventions (every number megalm prints names the one it used):
   ``F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h))`` per iteration for a GPT.
 - MFU = model FLOP/s per device / peak; HFU = hardware FLOP/s per device / peak
   (Chowdhery et al. 2022, appendix B). The peak is the dense bf16 datasheet value
-  (:data:`DEVICES`), never the 2:4-sparsity figure, or a measured matmul rate.
+  (:data:`megalm.perf.devices.DEVICES`), never the 2:4-sparsity figure, or a measured
+  matmul rate (:func:`megalm.perf.devices.peak_flops`). :func:`utilization` is the one
+  function that turns tokens/s into MFU, for the trainer and the benchmark alike.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megalm.config import ModelConfig
-from megalm.model.flops import matmul_params_per_layer
-from megalm.model.gpt import padded_vocab_size
 
 Recompute = Literal["none", "selective", "full"]
 
@@ -39,46 +39,41 @@ HW_FLOPS_FORMULA = (
 )
 
 
-@dataclass(frozen=True)
-class Device:
-    """One accelerator: dense bf16 peak, HBM size and bandwidth, interconnect bandwidths.
-
-    Sources: NVIDIA A100 datasheet (312 TFLOP/s dense bf16; 80 GB at 2.0 TB/s),
-    H100 SXM datasheet (989 TFLOP/s dense bf16; 80 GB at 3.35 TB/s), H200 SXM
-    datasheet (989 TFLOP/s; 141 GB at 4.8 TB/s). NVLink per GPU: A100 600 GB/s,
-    H100/H200 900 GB/s (both directions; 300/450 GB/s each way is used for a ring).
-    Inter-node: 8 x 200 Gb/s HDR InfiniBand per A100 node (Selene, Narayanan et al.
-    2021 sec. 5) = 25 GB/s per GPU; 8 x 400 Gb/s NDR per H100/H200 node = 50 GB/s.
-    """
-
-    name: str
-    peak_flops: float  # dense bf16, FLOP/s
-    memory_bytes: float
-    hbm_bytes_per_s: float
-    intra_node_bytes_per_s: float  # one direction, per GPU (NVLink)
-    inter_node_bytes_per_s: float  # one direction, per GPU (InfiniBand)
-    gpus_per_node: int = 8
+def matmul_params_per_layer(cfg: ModelConfig) -> int:
+    """Weights of one block that take part in matmuls (no biases, no norms): ``wq``, ``wo``
+    (``d x d``), ``wk``, ``wv`` (``d x d_kv``, GQA-aware) and two (gpt2) or three (SwiGLU)
+    ``d x H`` MLP matrices."""
+    d, kv = cfg.d_model, cfg.kv_heads * cfg.head_size
+    return 2 * d * d + 2 * d * kv + (3 if cfg.family == "llama" else 2) * d * cfg.ffn_size
 
 
-DEVICES: dict[str, Device] = {
-    "a100": Device("A100-SXM4-80GB", 312e12, 80e9, 2.0e12, 300e9, 25e9),
-    "a100-40gb": Device("A100-SXM4-40GB", 312e12, 40e9, 1.555e12, 300e9, 25e9),
-    "h100": Device("H100-SXM5-80GB", 989e12, 80e9, 3.35e12, 450e9, 50e9),
-    "h200": Device("H200-SXM-141GB", 989e12, 141e9, 4.8e12, 450e9, 50e9),
-}
+def param_count(cfg: ModelConfig, tp: int = 1) -> int:
+    """Exact number of trainable parameters of :class:`megalm.model.GPT` (all TP shards
+    together), with the vocabulary padded as :meth:`ModelConfig.padded_vocab` does for ``tp``."""
+    d, V, L = cfg.d_model, cfg.padded_vocab(tp), cfg.n_layers
+    kv, H = cfg.kv_heads * cfg.head_size, cfg.ffn_size
+    per_layer = matmul_params_per_layer(cfg)
+    if cfg.family == "gpt2":
+        per_layer += 2 * d + 2 * kv  # attention biases: wq, wo (d each), wk, wv (kv each)
+        per_layer += H + d  # MLP biases
+        per_layer += 2 * 2 * d  # two LayerNorms (gain + bias)
+        final_norm, pos = 2 * d, cfg.seq_len * d
+    else:
+        per_layer += 2 * d  # two RMSNorm gains
+        final_norm, pos = d, 0
+    head = 0 if cfg.tied else V * d
+    return V * d + pos + L * per_layer + final_norm + head
 
 
 def head_params(cfg: ModelConfig, tp: int = 1) -> int:
     """Matmul weights of the output head: ``V_padded * d`` (computed even when tied)."""
-    return padded_vocab_size(cfg, tp) * cfg.d_model
+    return cfg.padded_vocab(tp) * cfg.d_model
 
 
 def model_flops_per_token(cfg: ModelConfig, causal: bool = False) -> float:
-    """Training model FLOPs per token: ``6 N_mm + 12 L T d`` (``6 L T d`` if ``causal``).
-
-    Identical to :func:`megalm.model.flops_per_token` (the trainer's MFU), kept here so
-    the perf package reports both conventions side by side.
-    """
+    """Training model FLOPs per token: ``6 N_mm + 12 L T d`` (``6 L T d`` if ``causal``),
+    ``N_mm = L * matmul_params_per_layer + V_padded * d`` (the padded head columns are
+    computed too). The one FLOPs count behind every MFU megalm prints."""
     n_mm = cfg.n_layers * matmul_params_per_layer(cfg) + head_params(cfg)
     attn = 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
     return 6.0 * n_mm + (attn / 2 if causal else attn)

@@ -36,9 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megalm.config import ModelConfig
-from megalm.model.flops import param_count
-from megalm.model.gpt import padded_vocab_size, ties_embeddings
-from megalm.model.layers import ffn_hidden_size
+from megalm.perf.flops import param_count
 
 Recompute = Literal["none", "selective", "full"]
 
@@ -178,8 +176,8 @@ def layer_activation_bytes(
     rep = 1 / tp if sp else 1.0  # replicated-region tensors: split by SP only
     if recompute == "full":
         return e * sbh * rep
-    kv = (cfg.n_kv_heads or cfg.n_heads) / cfg.n_heads
-    f = ffn_hidden_size(cfg) / h
+    kv = cfg.kv_heads / cfg.n_heads
+    f = cfg.ffn_size / h
     # tensors outside the TP region (norm inputs, QKV/MLP inputs, dropout masks)
     replicated = 2 * e * (1 + r.norm_extra) + 2 * e + 2 * m
     # inside the TP region: Q, K, V, projection input, MLP hidden tensors
@@ -206,7 +204,7 @@ def head_activation_bytes(
     rep = 1 / tp if sp else 1.0
     sbh = s * b * h
     rest = sbh * (r.mask_bytes + r.act_bytes * (1 + r.norm_extra)) * rep + r.act_bytes * sbh
-    return rest + r.logits_bytes * s * b * padded_vocab_size(cfg, tp) / tp
+    return rest + r.logits_bytes * s * b * cfg.padded_vocab(tp) / tp
 
 
 def activation_bytes(
@@ -246,8 +244,8 @@ def params_per_device(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> float:
     total = param_count(cfg, tp)
     if pp == 1:
         return total / tp
-    v, h = padded_vocab_size(cfg, tp), cfg.d_model
-    emb = v * h * (1 if ties_embeddings(cfg) else 2) + (cfg.seq_len * h if cfg.family == "gpt2" else 0)
+    v, h = cfg.padded_vocab(tp), cfg.d_model
+    emb = v * h * (1 if cfg.tied else 2) + (cfg.seq_len * h if cfg.family == "gpt2" else 0)
     layers = total - emb
     per_stage_layers = layers * (-(-cfg.n_layers // pp)) / cfg.n_layers
     return (per_stage_layers + v * h) / tp

@@ -2,7 +2,7 @@
 
 Memory per device is :mod:`megalm.perf.memory` (ZeRO model states, Rajbhandari et
 al. 2020; activations, Korthikanti et al. 2022). The step-time estimate is a
-roofline sum, every term from the device table (:data:`megalm.perf.flops.DEVICES`):
+roofline sum, every term from the device table (:data:`megalm.perf.devices.DEVICES`):
 
 - compute: each layer GEMM ``(M x K) @ (K x N)`` takes
   ``max(2 M K N / (peak * gemm_efficiency), 2 (M K + K N + M N) / HBM)``;
@@ -29,32 +29,12 @@ import itertools
 from dataclasses import dataclass, field
 
 from megalm.config import ModelConfig
-from megalm.model.gpt import padded_vocab_size
-from megalm.model.layers import ffn_hidden_size
-from megalm.perf.flops import Device, hardware_flops_per_token, model_flops_per_token
+from megalm.parallel.layout import Layout, layout_problems
+from megalm.perf.devices import Device
+from megalm.perf.flops import hardware_flops_per_token, model_flops_per_token
 from megalm.perf.memory import Recipe, StateBytes, activation_bytes, params_per_device, zero_model_state_bytes
 
 GB = 1e9
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One candidate: parallel degrees, ZeRO stage, micro-batch, SP and recompute."""
-
-    tp: int
-    pp: int
-    dp: int
-    zero: int
-    micro_batch: int
-    sp: bool
-    recompute: str
-
-    def short(self) -> str:
-        sp = "+sp" if self.sp else ""
-        return (
-            f"tp={self.tp}{sp} pp={self.pp} dp={self.dp} zero={self.zero} mb={self.micro_batch} "
-            f"recompute={self.recompute}"
-        )
 
 
 @dataclass
@@ -91,32 +71,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def layout_problem(cfg: ModelConfig, lay: Layout, global_batch: int, gpus_per_node: int) -> tuple[str, str]:
-    """``(reason, detail)`` when a layout cannot be built, else ``("", "")``.
+    """``(rule, message)`` of the first reason a layout cannot be used here, else ``("", "")``.
 
-    The same rules as :func:`megalm.parallel.validate.validate_layout` plus pipeline and
-    DeepSpeed constraints.
+    Validity is :func:`megalm.parallel.layout.layout_problems` (the trainer's rules); the
+    planner adds one hardware rule of its own: TP stays inside a node (NVLink).
     """
-    kv = cfg.n_kv_heads or cfg.n_heads
     if lay.tp > gpus_per_node:
         return "tp crosses nodes", f"tp={lay.tp} > {gpus_per_node} GPUs per node (TP needs NVLink)"
-    if cfg.n_heads % lay.tp:
-        return "heads % tp", f"n_heads={cfg.n_heads} not divisible by tp={lay.tp}"
-    if kv % lay.tp and lay.tp % kv:
-        return "kv heads vs tp", f"n_kv_heads={kv} and tp={lay.tp}: neither divides the other"
-    if ffn_hidden_size(cfg) % lay.tp:
-        return "ffn % tp", f"MLP width {ffn_hidden_size(cfg)} not divisible by tp={lay.tp}"
-    if cfg.n_layers % lay.pp:
-        return "layers % pp", f"n_layers={cfg.n_layers} not divisible by pp={lay.pp}"
-    if global_batch % (lay.micro_batch * lay.dp):
-        return "batch", f"global batch {global_batch} not divisible by mb={lay.micro_batch} x dp={lay.dp}"
-    if lay.pp > 1 and lay.zero >= 2:
-        return (
-            "zero with pp",
-            f"zero={lay.zero} with pp={lay.pp}: DeepSpeed's pipeline engine supports ZeRO <= 1",
-        )
-    if lay.sp and cfg.seq_len % lay.tp:
-        return "seq % tp", f"seq_len={cfg.seq_len} not divisible by tp={lay.tp} (sequence parallel)"
-    return "", ""
+    problems = layout_problems(cfg, lay, global_batch)
+    return (problems[0].rule, problems[0].message) if problems else ("", "")
 
 
 def _gemm_s(m: float, k: float, n: float, dev: Device, eff: float) -> float:
@@ -141,8 +104,8 @@ def estimate(
     acts = activation_bytes(cfg, lay.micro_batch, t, lay.pp, lay.sp, lay.recompute, recipe, n_micro)  # type: ignore[arg-type]
 
     M = lay.micro_batch * s  # tokens per micro-batch
-    kvw = (cfg.n_kv_heads or cfg.n_heads) * (h // cfg.n_heads)
-    H = ffn_hidden_size(cfg)
+    kvw = cfg.kv_heads * cfg.head_size
+    H = cfg.ffn_size
     gated = 2 if cfg.family == "llama" else 1
     e = dev.peak_flops * gemm_efficiency
     fwd = (
@@ -157,8 +120,8 @@ def estimate(
         layer += fwd + attn_fwd
     elif lay.recompute == "selective":
         layer += attn_fwd
-    head = 3 * _gemm_s(M, h, padded_vocab_size(cfg, t) / t, dev, gemm_efficiency)
-    layers_stage = cfg.n_layers // lay.pp
+    head = 3 * _gemm_s(M, h, cfg.padded_vocab(t) / t, dev, gemm_efficiency)
+    layers_stage = -(-cfg.n_layers // lay.pp)  # the busiest stage of an uneven split
     compute_stage = layers_stage * layer + (head if lay.pp == 1 else 0)
     if lay.pp > 1:
         compute_stage = max(compute_stage, layers_stage * layer + head)

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from megalm.config import Config, load_config, to_dict
+from megalm.perf.devices import measure_cpu_peak_flops, peak_flops
 from megalm.perf.flops import utilization
 from megalm.perf.measure import CommTimer, live_tensor_bytes, saved_activation_bytes
-from megalm.train.metrics import measure_cpu_peak_flops, memory_gb
+from megalm.train.metrics import memory_gb
 
 
 def _sync(device: torch.device) -> None:
@@ -107,7 +108,8 @@ def run_config(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
     state_bytes, act_bytes = 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pipe_timer = PipelineTimer(engine, device) if trainer.pipelined else None
+    pipelined = cfg.parallel.pp > 1
+    pipe_timer = PipelineTimer(engine, device) if pipelined else None
     for i in range(warmup + steps):
         batches = trainer.batches.step_batches()
         _sync(device)
@@ -158,7 +160,7 @@ def run_config(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
 
     m, t = cfg.model, cfg.training
     tokens_per_s = t.global_batch * m.seq_len / step_parts["step_s"]
-    peak, source = trainer.peak, trainer.peak_source
+    peak, source = peak_flops(device)
     if device.type == "cpu":  # the trainer's one measurement is easily low on a busy machine: best of two
         peak = max(peak, measure_cpu_peak_flops(repeats=20))
     u = utilization(m, tokens_per_s, info.world_size, peak, source, t.recompute)
@@ -179,12 +181,12 @@ def run_config(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
         "peak_source": u.peak_source,
         "formula": u.formula() + f"; training.recompute={t.recompute}",
         "recompute": t.recompute,
-        "pipelined": trainer.pipelined,
+        "pipelined": pipelined,
         **step_parts,
         "peak_mem_gb": memory_gb(device),
         "model_state_bytes": int(mem[0]),
         # not measured through the pipeline engine (its schedule interleaves micro-batches)
-        "activation_bytes_per_micro_batch": None if trainer.pipelined else int(mem[1]),
+        "activation_bytes_per_micro_batch": None if pipelined else int(mem[1]),
         "per_node": per_node,
         "steps_timed": steps,
         "warmup_steps": warmup,

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from megalm.config import Config
-from megalm.model import GPT, flops_per_token
+from megalm.model import GPT
+from megalm.perf.flops import model_flops_per_token
 from megalm.train.dist import init_distributed
 from megalm.train.engine import build_engine, gradient_accumulation
 from megalm.train.optim import make_optimizer, make_scheduler
@@ -96,7 +97,7 @@ def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any
         "steps_timed": steps,
         "median_step_s": med,
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
-        "tflops": {k: tokens * flops_per_token(m) / v / 1e12 for k, v in med.items()},
+        "tflops": {k: tokens * model_flops_per_token(m) / v / 1e12 for k, v in med.items()},
         "ratio_megalm_over_bare": med["megalm"] / med["bare"],
         "max_loss_rel_diff": max(
             abs(a - b) / abs(b) for a, b in zip(losses["megalm"], losses["bare"], strict=True)

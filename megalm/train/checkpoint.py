@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalm.config import ConfigError
+from megalm.config import Config, ConfigError, to_dict
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -152,3 +153,56 @@ def load_checkpoint(engine, path: Path, layout: dict[str, int] | None = None) ->
     if rank_file.is_file():  # absent when resuming on more ranks than saved
         set_rng_state(torch.load(rank_file, weights_only=False))
     return client["megalm"]
+
+
+class Checkpointer:
+    """What a checkpoint holds and when one is written (torchtitan's ``checkpointer.save(step,
+    last_step=...)`` shape): the engine's states, the loader position, the layout and config.
+
+    Args:
+        cfg: the resolved config (saved with every tag; ``training.*`` gives the policy).
+        engine: the DeepSpeed engine.
+        batches: the training loader (``state_dict``/``load_state_dict``: exact position).
+        layout: ``{tp, pp, dp, zero}`` of this run.
+    """
+
+    def __init__(self, cfg: Config, engine, batches, layout: dict[str, int]) -> None:
+        self.cfg, self.engine, self.batches, self.layout = cfg, engine, batches, layout
+        self.dir = Path(cfg.run.dir) / "checkpoints"
+
+    def resume(self) -> int:
+        """Restore per ``training.resume`` (``auto``, ``never`` or a tag path); returns the step."""
+        how = self.cfg.training.resume
+        if how == "never":
+            return 0
+        path = find_latest(self.dir) if how == "auto" else Path(how)
+        if path is None:
+            return 0
+        meta = load_checkpoint(self.engine, path, self.layout)
+        self.batches.load_state_dict(meta["data"])
+        if dist.get_rank() == 0:
+            print(f"resumed from {path} at step {meta['step']}", flush=True)
+        return int(meta["step"])
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """A save is due every ``training.save_interval`` steps and at the last step."""
+        return last_step or step % self.cfg.training.save_interval == 0
+
+    def maybe_save(self, step: int, last_step: bool = False) -> None:
+        """Collective: save ``step`` if :meth:`due`."""
+        if self.due(step, last_step):
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        """Collective: write tag ``step`` (whole or invisible, see the module docstring)."""
+        meta = {
+            "step": step,
+            "data": self.batches.state_dict(),
+            "world_size": dist.get_world_size(),
+            "layout": self.layout,
+            "config": to_dict(self.cfg),
+        }
+        t0 = time.perf_counter()
+        path = save_checkpoint(self.engine, self.dir, step, meta, self.cfg.training.keep_checkpoints)
+        if dist.get_rank() == 0:
+            print(f"saved {path} in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -45,6 +45,7 @@ import torch.distributed as torch_dist
 from megalm.config import Config, ConfigError
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 class LaunchError(ConfigError):
@@ -62,6 +63,7 @@ class RankEnv:
     local_world_size: int
     master_addr: str
     master_port: int
+    world_from: str = ""  # the launcher variables the world size was read from, for error messages
 
     def as_env(self) -> dict[str, str]:
         """The ``env://`` variables torch.distributed and DeepSpeed read."""
@@ -193,11 +195,13 @@ def _from_env_vars(env: Mapping[str, str], launcher: str) -> RankEnv:
         local_world,
         env.get("MASTER_ADDR", "127.0.0.1"),
         int(env.get("MASTER_PORT", 0)) or _free_port(),
+        f"{launcher}: RANK={rank} WORLD_SIZE={world}",
     )
 
 
 def _from_srun(env: Mapping[str, str]) -> RankEnv:
-    world = _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in env else _int(env, "SLURM_NTASKS")
+    world_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    world = _int(env, world_var)
     node_id = int(env.get("SLURM_NODEID", 0))
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", str(world)))
     nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))
@@ -216,6 +220,7 @@ def _from_srun(env: Mapping[str, str]) -> RankEnv:
         tasks_on_node(per_node, node_id),
         addr,
         port,
+        f"srun: SLURM_PROCID={env['SLURM_PROCID']} {world_var}={world}",
     )
 
 
@@ -238,7 +243,13 @@ def _from_mpi(env: Mapping[str, str]) -> RankEnv:
         addr = env.get("MASTER_ADDR") or (socket.gethostname() if world > 1 else "127.0.0.1")
         master = (addr, int(env.get("MASTER_PORT", 0)) or _free_port())
     addr, port = comm.bcast(master, root=0)
-    return RankEnv("mpirun", rank, world, local.Get_rank(), local.Get_size(), addr, port)
+    size_vars = " ".join(
+        f"{k}={env[k]}"
+        for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+        if k in env
+    )
+    world_from = f"mpirun: MPI_COMM_WORLD size {world}" + (f" ({size_vars})" if size_vars else "")
+    return RankEnv("mpirun", rank, world, local.Get_rank(), local.Get_size(), addr, port, world_from)
 
 
 def discover_ranks(env: Mapping[str, str] = os.environ) -> RankEnv:
@@ -258,7 +269,17 @@ def discover_ranks(env: Mapping[str, str] = os.environ) -> RankEnv:
     elif launcher == "srun":
         info = _from_srun(env)
     else:
-        info = RankEnv("python", 0, 1, 0, 1, "127.0.0.1", _free_port())
+        info = RankEnv(
+            "python",
+            0,
+            1,
+            0,
+            1,
+            "127.0.0.1",
+            _free_port(),
+            "python: no launcher variables (RANK/WORLD_SIZE, SLURM_PROCID in an srun step, "
+            "OMPI_COMM_WORLD_RANK/PMI_RANK) are set, so this is a world of one",
+        )
     if not (0 <= info.rank < info.world_size and 0 <= info.local_rank < info.local_world_size):
         raise LaunchError(
             f"{launcher}: rank {info.rank} of world {info.world_size}, local rank {info.local_rank} of "
@@ -267,8 +288,10 @@ def discover_ranks(env: Mapping[str, str] = os.environ) -> RankEnv:
     return info
 
 
-def init_distributed(cfg: Config) -> DistInfo:
-    """Discover ranks, then start the default process group (gloo on CPU, NCCL on CUDA).
+def init_distributed(cfg: Config, ranks: RankEnv | None = None) -> DistInfo:
+    """Start the default process group (gloo on CPU, NCCL on CUDA) for ``ranks``
+    (:func:`discover_ranks` when not given: discover first, validate the layout against
+    ``ranks.world_size``, then call this).
 
     ``dist.timeout_s`` bounds the rendezvous and every collective: a rank that dies
     or hangs makes the others raise within it instead of waiting forever. Also gives
@@ -279,7 +302,7 @@ def init_distributed(cfg: Config) -> DistInfo:
 
     # DeepSpeed's ZeRO calls a torch collective that torch >= 2.10 flags on every step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
-    ranks = discover_ranks()
+    ranks = ranks or discover_ranks()
     os.environ.update(ranks.as_env())
     print(ranks.describe(), flush=True)
     cuda = torch.cuda.is_available()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from megalm.config import Config
-from megalm.model import param_count
+from megalm.perf.flops import param_count
 from megalm.train.optim import make_optimizer, make_scheduler
 
 
@@ -24,14 +24,9 @@ def resolve_dtype(cfg: Config, device: torch.device) -> str:
 
 
 def gradient_accumulation(cfg: Config, dp: int) -> int:
-    """``global_batch / (micro_batch * dp)``, with an error that names all three."""
+    """``global_batch / (micro_batch * dp)`` of a layout that passed
+    :func:`megalm.parallel.layout.check_layout` (which owns the divisibility rule)."""
     t = cfg.training
-    if t.global_batch % (t.micro_batch * dp):
-        raise ValueError(
-            f"training.global_batch ({t.global_batch}) must be divisible by training.micro_batch "
-            f"({t.micro_batch}) * dp ({dp}); pick a global batch that is a multiple of "
-            f"{t.micro_batch * dp}"
-        )
     return t.global_batch // (t.micro_batch * dp)
 
 

@@ -1,64 +1,17 @@
-"""Throughput, MFU, memory, and the ``metrics.jsonl`` log.
+"""The ``metrics.jsonl`` log (and TensorBoard), and peak memory.
 
-MFU = achieved model FLOP/s per device / peak dense FLOP/s per device
-(Chowdhery et al. 2022, appendix B), with model FLOPs from
-:func:`megalm.model.flops_per_token` (non-causal attention convention, no
-recompute counted). The peak is the dense bf16 table value on known GPUs (never
-the 2:4-sparsity figure) and a measured fp32 matmul rate on CPU.
+What goes into a record is decided by :mod:`megalm.train.progress`; MFU comes from
+:func:`megalm.perf.flops.utilization`, the benchmark's function.
 """
 
 from __future__ import annotations
 
 import json
 import resource
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
-# Dense (not sparse) bf16 tensor-core peak per device, FLOP/s, from vendor datasheets.
-GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A800": 312e12}
-
-
-def measure_cpu_peak_flops(n: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 matmul FLOP/s (``2 n^3`` per product) with this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s per device, where the number came from)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
-                return value, f"{name}: dense bf16 datasheet peak"
-        measured = measure_cuda_peak_flops(device)
-        return measured, f"{name}: measured bf16 matmul"
-    return (
-        measure_cpu_peak_flops(),
-        f"CPU: measured fp32 matmul with {torch.get_num_threads()} threads",
-    )
-
-
-def measure_cuda_peak_flops(device: torch.device, n: int = 8192) -> float:
-    """Best bf16 matmul FLOP/s on an unlisted GPU."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    a @ b
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 10 * 2 * n**3 / (time.perf_counter() - t0)
 
 
 def memory_gb(device: torch.device) -> float:

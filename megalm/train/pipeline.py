@@ -33,8 +33,7 @@ from megalm.model.gpt import (
     LMLoss,
     SeededBlock,
     component_seed,
-    ties_embeddings,
-    validate_model_config,
+    require_vocab,
 )
 from megalm.parallel import ParallelContext
 
@@ -55,10 +54,10 @@ def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    validate_model_config(m)
+    require_vocab(m)
     group, sp, L = ctx.tp_group, p.sequence_parallel, m.n_layers
     embed_args = (m, group, sp, component_seed(init_seed, 0))
-    tied = ties_embeddings(m)
+    tied = m.tied
     layers = [
         TiedLayerSpec("embed", Embedding, *embed_args, tied_weight_attr="tok_emb.weight")
         if tied

@@ -1,32 +1,58 @@
-"""One optimizer step through the DeepSpeed engine (shared by the trainer and the benchmark)."""
+"""One optimizer step through the DeepSpeed engine (pp = 1), with a timing hook."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
 
-def grad_norm(params, mpu=None) -> float:
-    """Global L2 norm of the gradients of a model split over TP (DeepSpeed's convention):
+class PhaseTimer(Protocol):
+    """Timing hook: ``with timer.phase("forward"): ...`` (``megalm.perf`` implements it)."""
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
+
+
+class NoTimer:
+    """The default hook: times nothing."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+
+def grad_norm(params, mpu=None) -> torch.Tensor:
+    """Global L2 norm of the gradients of a model split over TP (DeepSpeed's convention), as a
+    0-d fp32 tensor on the gradients' device (no host read).
+
     TP-sharded tensors count on every rank, replicated ones on TP rank 0 only, and the
-    squares are summed over the model-parallel group."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        if mpu is None or getattr(p, "tensor_model_parallel", False) or mpu.get_model_parallel_rank() == 0:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+    squares are summed over the model-parallel group.
+    """
+    grads = [
+        p.grad.detach()
+        for p in params
+        if p.grad is not None
+        and (mpu is None or getattr(p, "tensor_model_parallel", False) or mpu.get_model_parallel_rank() == 0)
+    ]
+    if grads:
+        sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float64)
     if mpu is not None and mpu.get_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(sq, group=mpu.get_model_parallel_group())
-    return sq.sqrt().item()
+    return sq.sqrt().float()
 
 
 def engine_step(
     engine,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches,
     device: torch.device,
     measure_grad_norm: bool,
     mpu=None,
-) -> tuple[torch.Tensor, float | None]:
+    timer: PhaseTimer | None = None,
+):
     """Forward/backward every micro-batch, stepping the engine after each.
 
     DeepSpeed scales each micro-batch loss by ``1 / accumulation`` and applies the
@@ -37,18 +63,24 @@ def engine_step(
         measure_grad_norm: compute the global gradient norm before the step. Needed
             for ZeRO-0 fp32, where DeepSpeed clips but does not keep the norm.
         mpu: the model-parallel unit handed to DeepSpeed (for the norm across TP).
+        timer: :class:`megalm.train.strategy.PhaseTimer`; gets ``forward``, ``backward``
+            and ``optimizer`` phases.
 
     Returns:
-        (this rank's mean micro-batch loss as a 0-d tensor, grad norm or ``None``).
+        (this rank's mean micro-batch loss, grad norm or ``None``), 0-d tensors on ``device``.
     """
-    losses, gnorm = [], None
+    losses, gnorm, timer = [], None, timer or NoTimer()
     for i, (x, y) in enumerate(micro_batches):
-        loss = engine(x.to(device), y.to(device))
-        engine.backward(loss)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with timer.phase("forward"):
+            loss = engine(x, y)
+        with timer.phase("backward"):
+            engine.backward(loss)
         if measure_grad_norm and i == len(micro_batches) - 1:
             gnorm = grad_norm(engine.module.parameters(), mpu)
-        engine.step()
+        with timer.phase("optimizer"):
+            engine.step()
         losses.append(loss.detach())
     if gnorm is None and engine.get_global_grad_norm() is not None:
-        gnorm = float(engine.get_global_grad_norm())
+        gnorm = torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32)
     return torch.stack(losses).mean(), gnorm
