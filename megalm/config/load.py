@@ -33,40 +33,53 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _literal(value: Any, tp: Any, key: str) -> Any:
+    for allowed in typing.get_args(tp):
+        if value == allowed and type(value) is type(allowed):
+            return value
+    raise _wrong(value, tp, key)
+
+
+def _union(value: Any, tp: Any, key: str) -> Any:
+    for arg in typing.get_args(tp):
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            continue
+    raise _wrong(value, tp, key)
+
+
+def _scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is type(None) and value is None:
+        return None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    if tp not in (type(None), float, int, bool, str):  # pragma: no cover - schema uses only these
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    raise _wrong(value, tp, key)
+
+
+def _wrong(value: Any, tp: Any, key: str) -> ConfigError:
+    return ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; only int/str -> float is coerced."""
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
-        if value in typing.get_args(tp) and type(value) is type(
-            typing.get_args(tp)[typing.get_args(tp).index(value)]
-        ):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-3' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is bool or tp is str:
-        if isinstance(value, tp):
-            return value
-    else:  # pragma: no cover - schema uses only the types above
-        raise TypeError(f"unsupported annotation {tp!r} for {key}")
-    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return _literal(value, tp, key)
+    if origin in (typing.Union, types.UnionType):
+        return _union(value, tp, key)
+    return _scalar(value, tp, key)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalm.parallel.mappings import (
+    all_reduce_,
     copy_to_tp,
     gather_from_sp,
     gather_from_tp,
@@ -169,21 +170,13 @@ def vocab_parallel_cross_entropy(
     if local_valid < logits.size(-1):
         logits = logits[:, :local_valid]
 
-    def all_reduce(op):
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            if tp > 1:
-                torch.distributed.all_reduce(t, op=op, group=group)
-            return t
-
-        return reduce
-
     return kernel_vp_ce(
         logits,
         target,
         vocab_start=vocab_start,
         vocab_size=n_valid,
-        all_reduce_max=all_reduce(torch.distributed.ReduceOp.MAX),
-        all_reduce_sum=all_reduce(torch.distributed.ReduceOp.SUM),
+        all_reduce_max=lambda t: all_reduce_(t, group, torch.distributed.ReduceOp.MAX),
+        all_reduce_sum=lambda t: all_reduce_(t, group, torch.distributed.ReduceOp.SUM),
         impl=impl,
     )
 

@@ -8,10 +8,8 @@ function                   forward                        backward
 ``copy_to_tp``             identity                       all-reduce
 ``reduce_from_tp``         all-reduce                     identity
 ``gather_from_tp``         all-gather, last dim           split, last dim
-``split_to_tp``            split, last dim                all-gather, last dim
 ``gather_from_sp``         all-gather, sequence dim (1)   reduce-scatter, sequence dim
 ``reduce_scatter_to_sp``   reduce-scatter, sequence dim   all-gather, sequence dim
-``split_to_sp``            split, sequence dim            all-gather, sequence dim
 =========================  =============================  =============================
 
 With ``group=None`` or a group of one rank every function is the identity, so a
@@ -48,13 +46,19 @@ def _count(op: str, full_bytes: int, n: int) -> None:
     COMM_BYTES[op] += round(factor * full_bytes)
 
 
+def all_reduce_(x: torch.Tensor, group, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor, counted in :data:`COMM_BYTES` (no autograd:
+    for statistics such as the cross entropy's row max and sum of exponentials)."""
+    if tp_size(group) > 1:
+        _count("all_reduce", x.numel() * x.element_size(), tp_size(group))
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if tp_size(group) == 1:
         return x
-    x = x.contiguous().clone()
-    _count("all_reduce", x.numel() * x.element_size(), tp_size(group))
-    dist.all_reduce(x, group=group)
-    return x
+    return all_reduce_(x.contiguous().clone(), group)
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -124,17 +128,6 @@ class _GatherFromTP(torch.autograd.Function):
         return _split(g, -1, ctx.group), None
 
 
-class _SplitToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, -1, ctx.group), None
-
-
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -157,17 +150,6 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _all_gather(g, 1, ctx.group), None
 
 
-class _SplitToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, 1, ctx.group), None
-
-
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Forward identity, backward all-reduce: enter a TP region (or share a replicated weight)."""
     return _CopyToTP.apply(x, group) if tp_size(group) > 1 else x
@@ -183,11 +165,6 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherFromTP.apply(x, group) if tp_size(group) > 1 else x
 
 
-def split_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """(..., n) -> (..., n/tp): forward keep this rank's slice, backward all-gather."""
-    return _SplitToTP.apply(x, group) if tp_size(group) > 1 else x
-
-
 def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
     """(B, T/tp, C) -> (B, T, C): forward all-gather, backward reduce-scatter."""
     return _GatherFromSP.apply(x, group) if tp_size(group) > 1 else x
@@ -196,8 +173,3 @@ def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
     """(B, T, C) partial sums -> (B, T/tp, C) reduced: forward reduce-scatter, backward all-gather."""
     return _ReduceScatterToSP.apply(x, group) if tp_size(group) > 1 else x
-
-
-def split_to_sp(x: torch.Tensor, group) -> torch.Tensor:
-    """(B, T, C) -> (B, T/tp, C): forward keep this rank's sequence slice, backward all-gather."""
-    return _SplitToSP.apply(x, group) if tp_size(group) > 1 else x
