@@ -4,8 +4,8 @@ Every op takes ``impl="auto" | "triton" | "torch"`` (config key ``model.kernels`
 the rule lives in :mod:`kernels.dispatch`, the self-test behind ``auto`` in
 :mod:`kernels.verify`. The Triton paths are ``torch.library`` custom ops
 (``megalm::*``), opaque to ``torch.compile``. Importing this package registers
-those ops and imports neither triton nor CUDA: the Triton kernel modules load on
-first use.
+those ops and nothing more: no device query, no kernel module (they load on the
+first Triton launch).
 """
 
 from kernels.attention import (
