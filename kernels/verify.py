@@ -140,8 +140,9 @@ def run_check(op: str, device: str, dtype: torch.dtype) -> dict:
     from kernels.checks import CHECKS
 
     start = time.perf_counter()
+    no_autocast = torch.autocast(torch.device(device).type, enabled=False)  # the run may be inside one
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), no_autocast:
             CHECKS[op](device, dtype)
     except Exception as err:  # a wrong result or a failed compile/launch: both mean "do not use"
         message = " ".join(f"{type(err).__name__}: {err}".split())
