@@ -26,6 +26,9 @@ This module makes the mode a property of the launch instead:
 
 If the process was started with ``TRITON_INTERPRET=1`` (triton's own library is
 then interpreted), every launch takes the interpreted twin, as the user asked.
+
+Written against triton 3.9's interpreter (``InterpretedFunction``,
+``_patch_lang``); tested there (tests/kernels/test_dispatch.py).
 """
 
 from __future__ import annotations
@@ -109,10 +112,11 @@ def _route_device_calls() -> None:
         if getattr(_state, "depth", 0) == 0:
             return original(self, *args, **kwargs)
         twin = _twin(self.fn)
-        scope = interpreter._patch_lang(twin.fn)
+        scope = interpreter._patch_lang(twin.fn)  # a _LangPatchScope in triton 3.9
         try:
             return twin.rewrite()(*args, **kwargs)
         finally:
-            scope.restore()
+            if scope is not None:
+                scope.restore()
 
     JITFunction.__call__ = __call__
