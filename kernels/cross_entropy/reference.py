@@ -75,11 +75,16 @@ def slice_grad_reference(
 ) -> torch.Tensor:
     """dloss/dlogits for one slice: ``g * (exp(x - lse) - [j == y])``.
 
-    Materializes only the local (N, V_local) slice.
+    Materializes only the local (N, V_local) slice, in three passes over it (exp,
+    scale, cast) and a scatter of one entry per row; no one-hot matrix and no
+    host synchronisation (rows whose label is outside the slice scatter 0).
     """
-    x = logits.float()
+    grad = torch.exp(logits.float() - lse[:, None])  # (N, V_local) fp32
+    if grad.shape[-1] == 0:  # a rank whose slice is all padding
+        return grad.to(logits.dtype)
     local = labels.long() - vocab_start
-    cols = torch.arange(x.shape[-1], device=x.device)
-    onehot = (cols[None, :] == local[:, None]).float()
-    grad = torch.exp(x - lse[:, None]) - onehot
-    return (grad * grad_loss.float()[:, None]).to(logits.dtype)
+    in_slice = (local >= 0) & (local < grad.shape[-1])
+    minus_one = torch.where(in_slice, -1.0, 0.0).to(grad.dtype)
+    grad.scatter_add_(1, local.clamp(0, grad.shape[-1] - 1)[:, None], minus_one[:, None])
+    grad.mul_(grad_loss.float()[:, None])
+    return grad.to(logits.dtype)

@@ -66,7 +66,7 @@ def test_slices_combine_to_full_loss_and_grad(device, impl):
     logits, labels = make(n, v, torch.float32, device)
     grad_loss = torch.rand(n, device=device)
     ref, ref_grad = loss_and_grad(cross_entropy_reference, logits, labels, grad_loss)
-    bounds = [(0, 50), (50, 51), (51, v)]  # includes a one-column slice
+    bounds = [(0, 50), (50, 50), (50, 51), (51, v)]  # an empty and a one-column slice
     x = logits.detach()
     parts = [cross_entropy_partials(x[:, a:b], labels, vocab_start=a, impl=impl) for a, b in bounds]
     row_max = torch.stack([p.row_max for p in parts]).amax(0)
