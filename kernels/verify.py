@@ -35,9 +35,11 @@ import torch
 
 CACHE_ENV = "MEGALM_KERNEL_CACHE"
 CHECKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Files whose text decides each kernel's behaviour (kernel, launcher, op) plus the check.
+# Files whose text decides each kernel's behaviour (kernel, launcher, op, launch mechanism)
+# or its verdict (the check and the tolerance rule).
 SOURCES = {
-    op: [f"kernels.{op}.kernel", f"kernels.{op}.function", f"kernels.{op}.ops", "kernels.checks"]
+    op: [f"kernels.{op}.{part}" for part in ("kernel", "function", "ops")]
+    + ["kernels.interpreter", "kernels.checks", "kernels.tolerance"]
     for op in ("attention", "softmax", "norms", "cross_entropy")
 }
 
