@@ -39,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import kernels  # noqa: E402
-from kernels.norms import layer_norm_reference, rms_norm_reference  # noqa: E402
+from kernels.norms import rms_norm_reference  # noqa: E402
 from kernels.softmax import scaled_masked_softmax_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,8 +77,7 @@ class Case:
             return {"fwd": 2 * n * es + mask, "bwd": 3 * n * es}
         if self.op in ("rms_norm", "layer_norm"):
             n = p["rows"] * p["hidden"]
-            k = 2 if p["residual"] else 0  # residual: read r, write h; backward: read dh, write dr
-            return {"fwd": (2 + k) * n * es, "bwd": (3 + k) * n * es}
+            return {"fwd": 2 * n * es, "bwd": 3 * n * es}
         if self.op == "cross_entropy":
             n = p["rows"] * p["vocab"]
             return {"fwd": n * es, "bwd": 2 * n * es}
@@ -109,9 +108,8 @@ def default_cases(quick: bool) -> list[Case]:
         ),
         Case("softmax causal T=2048", "softmax", dict(b=4 if not quick else 1, h=32, t=2048, mask=False)),
         Case("softmax mask T=2048", "softmax", dict(b=4 if not quick else 1, h=32, t=2048, mask=True)),
-        Case("rms_norm 4096", "rms_norm", dict(rows=tokens, hidden=4096, residual=False)),
-        Case("rms_norm+res 4096", "rms_norm", dict(rows=tokens, hidden=4096, residual=True)),
-        Case("layer_norm 4096", "layer_norm", dict(rows=tokens, hidden=4096, residual=False)),
+        Case("rms_norm 4096", "rms_norm", dict(rows=tokens, hidden=4096)),
+        Case("layer_norm 4096", "layer_norm", dict(rows=tokens, hidden=4096)),
         Case("cross_entropy V=128256", "cross_entropy", dict(rows=tokens // 2, vocab=128256)),
         Case("cross_entropy V=50304", "cross_entropy", dict(rows=tokens, vocab=50304)),
     ]
@@ -157,17 +155,13 @@ def build(case: Case, device: str, which: str) -> tuple[Callable, list[torch.Ten
     if case.op in ("rms_norm", "layer_norm"):
         x = rand(p["rows"], p["hidden"])
         w = torch.randn(p["hidden"], device=device).requires_grad_()  # fp32 weights
-        r = rand(p["rows"], p["hidden"]) if p["residual"] else None
-        ins = [t for t in (x, w, r) if t is not None]
         if case.op == "rms_norm":
             if ours:
-                return (lambda: kernels.rms_norm(x, w, residual=r, impl=impl)), ins
-            return (lambda: rms_norm_reference(x, w, residual=r)), ins
+                return (lambda: kernels.rms_norm(x, w, impl=impl)), [x, w]
+            return (lambda: rms_norm_reference(x, w)), [x, w]
         if ours:
-            return (lambda: kernels.layer_norm(x, w, None, residual=r, impl=impl)), ins
-        if r is not None:
-            return (lambda: layer_norm_reference(x, w, None, residual=r)), ins
-        return (lambda: F.layer_norm(x, (p["hidden"],), w.to(dtype))), ins
+            return (lambda: kernels.layer_norm(x, w, None, impl=impl)), [x, w]
+        return (lambda: F.layer_norm(x, (p["hidden"],), w.to(dtype))), [x, w]
     if case.op == "cross_entropy":
         logits = rand(p["rows"], p["vocab"])
         labels = torch.randint(0, p["vocab"], (p["rows"],), device=device)

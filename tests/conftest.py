@@ -22,7 +22,9 @@ def subprocess_env() -> dict[str, str]:
     # DeepSpeed JIT-builds its CPU shared-memory comm op; a cache per venv is built once,
     # while a cache shared with other venvs (other flags) is rebuilt at every start.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    # Launched runs take their real kernel path: compiled Triton on CUDA, never an
+    # interpreter a kernel test scoped to itself (tests/kernels/conftest.py).
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
         env.pop(key, None)
     return env
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import device_guard, use_triton
+from kernels.dispatch import use_triton
+from kernels.softmax.ops import softmax_fwd
 from kernels.softmax.reference import scaled_masked_softmax_reference
 
 __all__ = ["scaled_masked_softmax", "scaled_masked_softmax_reference"]
@@ -18,6 +19,7 @@ def scaled_masked_softmax(
     scale: float = 1.0,
     mask: torch.Tensor | None = None,
     causal: bool = False,
+    q_offset: int = 0,
     impl: str = "auto",
 ) -> torch.Tensor:
     """softmax(scale * scores) over the last dim with masked entries removed.
@@ -27,7 +29,10 @@ def scaled_masked_softmax(
         scale: multiplier applied before masking (e.g. 1 / sqrt(head_dim)).
         mask: bool, True = masked out, broadcastable to ``scores`` (e.g. (B, 1, Tq, Tk));
             broadcast by strides on the Triton path, never materialized.
-        causal: additionally mask key j for query i when j > i (top-left aligned).
+        causal: additionally mask key j for query row i when j > i + q_offset.
+        q_offset: position of query row 0 among the keys (0: top-left aligned;
+            Tk - Tq: the queries are the last Tq positions, e.g. Tk - 1 for a one-row
+            decode step against a KV cache of Tk keys).
         impl: "auto" | "triton" | "torch" (see kernels/dispatch.py).
 
     Returns:
@@ -40,9 +45,7 @@ def scaled_masked_softmax(
         raise ValueError("causal softmax needs scores of shape (..., Tq, Tk)")
     if mask is not None:
         torch.broadcast_shapes(mask.shape, scores.shape)  # raises with both shapes
-    if not use_triton(impl, scores, mask) or scores.dtype not in _TRITON_DTYPES:
-        return scaled_masked_softmax_reference(scores, scale=scale, mask=mask, causal=causal)
-    from kernels.softmax.kernel import ScaledMaskedSoftmaxFunction
-
-    with device_guard(scores):
-        return ScaledMaskedSoftmaxFunction.apply(scores, float(scale), mask, causal, None)
+    kw = dict(scale=scale, mask=mask, causal=causal, q_offset=q_offset)
+    if not use_triton(impl, scores, mask, op="softmax") or scores.dtype not in _TRITON_DTYPES:
+        return scaled_masked_softmax_reference(scores, **kw)
+    return softmax_fwd(scores, mask, float(scale), causal, int(q_offset))

@@ -8,17 +8,23 @@ keeping the running max ``m`` and sum ``l = sum exp(x - m)``, pass 2 writes
 ``exp(x - m) / l``. Backward: ``dx = scale * y * (dy - sum_j dy_j y_j)``.
 
 Masks: an explicit bool mask (True = masked) broadcast to the scores through its
-strides (stride 0 on broadcast dims, nothing materialized), and/or causal
-(key j > query i masked). Fully masked rows give zeros; a row whose unmasked
-entries are all -inf gives NaN, as ``torch.softmax`` does.
+strides (stride 0 on broadcast dims, nothing materialized), and/or causal with a
+query offset (key j masked for query row i when j > i + q_offset; q_offset =
+Tk - Tq for the last Tq positions of a KV cache, Tk - 1 for one decode row).
+Fully masked rows give zeros; a row whose unmasked entries are all -inf gives
+NaN, as ``torch.softmax`` does.
 
-Tested on: CPU under ``TRITON_INTERPRET=1`` (triton 3.9, torch 2.13) against
+Tested on: CPU under the Triton interpreter (triton 3.9, torch 2.13) against
 ``reference.scaled_masked_softmax_reference``: fp32/fp16/bf16, rows of 1, 17, 129
-and 257 columns in one block and across several blocks, Tq != Tk, mask
-broadcast over batch and heads, causal, both, fully masked rows, NaN/inf rows
-(tests/kernels/test_softmax.py).
+and 257 columns in one block and across several blocks, Tq != Tk, decode rows
+(Tq = 1) with a causal offset, mask broadcast over batch and heads, causal, both,
+fully masked rows, NaN/inf rows (tests/kernels/test_softmax.py), and as the
+softmax of unfused attention against the attention reference
+(tests/kernels/test_unfused_attention.py).
 
-Compiled (not run) for sm_90 with triton 3.6 and 3.9 (tests/kernels/compile_for_gpu.py).
+Compiled (not run) for sm_90 with triton 3.9 (tests/kernels/compile_for_gpu.py).
+
+Launchers are in ``function.py``; this file holds only ``@triton.jit`` code.
 
 Known limits: no GPU run recorded yet (block/warp choices untuned); inputs of more
 than 4 dims are reshaped to 4 dims, which copies a broadcast mask.
@@ -26,11 +32,8 @@ than 4 dims are reshaped to 4 dims, which copies a broadcast mask.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-from kernels.dispatch import interpreter_enabled
 
 
 @triton.jit
@@ -38,7 +41,7 @@ def _softmax_fwd_kernel(
     X, MASK, Y,
     stride_xb, stride_xh, stride_xm, stride_xn,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
-    n_heads, n_rows, n_cols, scale,
+    n_heads, n_rows, n_cols, scale, q_offset,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, ONE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -52,7 +55,7 @@ def _softmax_fwd_kernel(
     y_row = Y + pid * n_cols
     n_visible_cols = n_cols
     if CAUSAL:
-        n_visible_cols = tl.minimum(n_cols, row + 1)
+        n_visible_cols = tl.minimum(n_cols, row + 1 + q_offset)
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         visible = cols < n_visible_cols
@@ -136,99 +139,3 @@ def _softmax_bwd_kernel(
             dy = tl.load(dy_row + cols, mask=valid, other=0.0).to(tl.float32)
             dx = scale * y * (dy - dot)
             tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=valid)
-
-
-def max_block(n_cols: int) -> int:
-    """Columns per block: the whole row up to 4096 (64 under the interpreter)."""
-    cap = 64 if interpreter_enabled() else 4096
-    return min(cap, max(16, triton.next_power_of_2(n_cols)))
-
-
-def _num_warps(block: int) -> int:
-    return 1 if interpreter_enabled() else max(1, min(16, block // 256))
-
-
-def _as_4d(scores: torch.Tensor, mask: torch.Tensor | None):
-    """View scores as (B, H, Tq, Tk) and broadcast the mask to it by strides."""
-    shape = scores.shape
-    if scores.dim() > 4:
-        if mask is not None:
-            mask = torch.broadcast_to(mask, shape).reshape(-1, 1, *shape[-2:])
-        scores = scores.reshape(-1, 1, *shape[-2:])
-    while scores.dim() < 4:
-        scores = scores.unsqueeze(0)
-    if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        mask = mask.expand(scores.shape)
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)  # same bytes; pointer arithmetic on uint8
-    return scores, mask
-
-
-def softmax_forward(
-    scores: torch.Tensor,
-    *,
-    scale: float,
-    mask: torch.Tensor | None,
-    causal: bool,
-    block: int | None = None,
-) -> torch.Tensor:
-    """Launch the forward kernel. Returns contiguous probabilities shaped like ``scores``."""
-    x, mask4 = _as_4d(scores, mask)
-    b, h, tq, tk = x.shape
-    block = block or max_block(tk)
-    y = torch.empty((b, h, tq, tk), dtype=scores.dtype, device=scores.device)
-    n_programs = b * h * tq
-    if n_programs == 0 or tk == 0:
-        return y.view(scores.shape)
-    mask_arg = mask4 if mask4 is not None else y
-    mask_strides = mask4.stride() if mask4 is not None else (0, 0, 0, 0)
-    _softmax_fwd_kernel[(n_programs,)](
-        x, mask_arg, y, *x.stride(), *mask_strides, h, tq, tk, float(scale),
-        HAS_MASK=mask4 is not None, CAUSAL=causal, ONE_BLOCK=block >= tk, BLOCK_N=block,
-        num_warps=_num_warps(block),
-    )  # fmt: skip
-    return y.view(scores.shape)
-
-
-def softmax_backward(
-    y: torch.Tensor, grad_y: torch.Tensor, *, scale: float, block: int | None = None
-) -> torch.Tensor:
-    """Launch the backward kernel for contiguous ``y``; returns dx shaped like ``y``."""
-    grad_y = grad_y.contiguous()
-    n_cols = y.shape[-1]
-    dx = torch.empty_like(y)
-    n_rows = y.numel() // max(n_cols, 1)
-    if n_rows == 0 or n_cols == 0:
-        return dx
-    block = block or max_block(n_cols)
-    _softmax_bwd_kernel[(n_rows,)](
-        y, grad_y, dx, n_cols, float(scale), ONE_BLOCK=block >= n_cols, BLOCK_N=block,
-        num_warps=_num_warps(block),
-    )  # fmt: skip
-    return dx
-
-
-class ScaledMaskedSoftmaxFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only the output probabilities (as Megatron's kernel)."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        scores: torch.Tensor,
-        scale: float,
-        mask: torch.Tensor | None,
-        causal: bool,
-        block: int | None,
-    ) -> torch.Tensor:
-        y = softmax_forward(scores, scale=scale, mask=mask, causal=causal, block=block)
-        ctx.save_for_backward(y)
-        ctx.scale, ctx.block = scale, block
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        dx = softmax_backward(y, grad_y, scale=ctx.scale, block=ctx.block)
-        return dx, None, None, None, None

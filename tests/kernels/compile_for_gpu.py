@@ -104,61 +104,56 @@ def install_compiler(arch: int, ptxas_info: bool, compiled: list[str]) -> None:
 
 
 def launch_every_variant() -> None:
-    """Call the real launchers with the variants the model and benchmarks use."""
-    from kernels.attention.function import flash_attention_backward, flash_attention_forward, select_config
-    from kernels.cross_entropy.kernel import partials_triton, slice_grad_triton
-    from kernels.norms.kernel import NormFunction
-    from kernels.softmax.kernel import softmax_backward, softmax_forward
+    """Call the real launchers with the variants the model and benchmarks use.
 
-    for dtype, d, hq, hkv, causal, docs in [
-        (torch.bfloat16, 128, 4, 4, True, False),
-        (torch.bfloat16, 128, 4, 1, True, True),
-        (torch.bfloat16, 64, 4, 4, False, False),
-        (torch.float16, 80, 2, 2, True, False),
-        (torch.float32, 64, 2, 2, True, True),
+    The tensors live on ``meta``: a launch on them takes the compiled kernel (CPU
+    tensors would take the interpreter, ``kernels.interpreter.launcher``), and
+    nothing is ever read or written.
+    """
+    from kernels.attention.function import attention_bwd_launch, attention_fwd_launch
+    from kernels.cross_entropy.function import partials_forward, slice_grad_forward
+    from kernels.norms.function import norm_backward, norm_forward
+    from kernels.softmax.function import softmax_backward, softmax_forward
+
+    def empty(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    for dtype, d, hq, hkv, tk, causal, docs in [
+        (torch.bfloat16, 128, 4, 4, 300, True, False),
+        (torch.bfloat16, 128, 4, 1, 300, True, True),
+        (torch.bfloat16, 64, 4, 4, 300, False, False),
+        (torch.bfloat16, 128, 4, 2, 170, False, True),  # a ring-attention block: Tq != Tk
+        (torch.float16, 80, 2, 2, 300, True, False),
+        (torch.float32, 64, 2, 2, 300, True, True),
     ]:
-        q, k = torch.empty(1, hq, 300, d, dtype=dtype), torch.empty(1, hkv, 300, d, dtype=dtype)
-        doc_ids = torch.zeros(1, 300, dtype=torch.int64) if docs else None
-        kw = dict(causal=causal, softmax_scale=0.1, doc_ids=doc_ids, config=select_config(d, dtype))
-        out, lse = flash_attention_forward(q, k, k, **kw)
-        flash_attention_backward(q, q, k, k, out, lse, **kw)
-    for dtype, tk, with_mask in [
-        (torch.bfloat16, 2048, True),
-        (torch.bfloat16, 8192, False),
-        (torch.float32, 100, True),
+        q, k = empty(1, hq, 300, d, dtype=dtype), empty(1, hkv, tk, d, dtype=dtype)
+        doc_q = empty(1, 300, dtype=torch.int64) if docs else None
+        doc_k = empty(1, tk, dtype=torch.int64) if docs and tk != 300 else None
+        out, lse = attention_fwd_launch(q, k, k, doc_q, doc_k, causal, 0.1)
+        attention_bwd_launch(q, q, k, k, out, lse, doc_q, doc_k, causal, 0.1)
+    for dtype, tq, tk, with_mask, q_offset in [
+        (torch.bfloat16, 3, 2048, True, 0),
+        (torch.bfloat16, 3, 8192, False, 0),
+        (torch.bfloat16, 1, 2048, True, 2047),  # a KV-cache decode row
+        (torch.float32, 3, 100, True, 0),
     ]:
-        x = torch.empty(1, 2, 3, tk, dtype=dtype)
-        mask = torch.zeros(1, 1, 3, tk, dtype=torch.bool) if with_mask else None
-        y = softmax_forward(x, scale=0.1, mask=mask, causal=True)
+        x = empty(1, 2, tq, tk, dtype=dtype)
+        mask = empty(1, 1, tq, tk, dtype=torch.bool) if with_mask else None
+        y = softmax_forward(x, scale=0.1, mask=mask, causal=True, q_offset=q_offset)
         softmax_backward(y, y, scale=0.1)
-
-    class Ctx:  # stands in for autograd's ctx so forward/backward launch directly
-        needs_input_grad = (True, True, True, True, False, False)
-
-        def set_materialize_grads(self, value):
-            pass
-
-        def save_for_backward(self, *tensors):
-            self.saved_tensors = tensors
-
-    for dtype, hidden, residual, bias, is_rms in [
-        (torch.bfloat16, 4096, True, False, True),
-        (torch.bfloat16, 4096, False, True, False),
-        (torch.float32, 1000, True, True, False),
+    for dtype, hidden, bias, is_rms in [
+        (torch.bfloat16, 4096, False, True),
+        (torch.bfloat16, 4096, True, False),
+        (torch.float32, 1000, True, False),
     ]:
-        x, w = torch.empty(5, hidden, dtype=dtype), torch.empty(hidden)
-        r = torch.empty(5, hidden, dtype=torch.float32) if residual else None
-        ctx = Ctx()
-        out = NormFunction.forward(ctx, x, w, w if bias else None, r, 1e-5, is_rms)
-        outs = out if isinstance(out, tuple) else (out,)
-        NormFunction.backward(ctx, *[torch.empty_like(o) for o in outs])
+        x, w = empty(5, hidden, dtype=dtype), empty(hidden)
+        b = empty(hidden) if bias else None
+        y, mean, rstd = norm_forward(x, w, b, 1e-5, is_rms)
+        norm_backward(y, x, w, b, mean, rstd, is_rms)
     for dtype in (torch.bfloat16, torch.float32):
-        logits, labels = torch.empty(4, 50304, dtype=dtype), torch.zeros(4, dtype=torch.int64)
-        partials_triton(logits, labels, vocab_start=0, ignore_index=-100)
-        slice_grad_triton(
-            logits, labels, torch.empty(4), torch.empty(4),
-            vocab_start=0, vocab_size=50304, ignore_index=-100, label_smoothing=0.1,
-        )  # fmt: skip
+        logits, labels = empty(4, 50304, dtype=dtype), empty(4, dtype=torch.int64)
+        partials_forward(logits, labels, 0)
+        slice_grad_forward(logits, labels, empty(4), empty(4), 0)
 
 
 def main() -> int:

@@ -1,32 +1,41 @@
-"""Kernel tests run the Triton kernels on CPU through the Triton interpreter.
+"""Kernel tests run the Triton kernels compiled on CUDA, or interpreted on CPU.
 
-Triton decides interpreter-or-compiler when a kernel is decorated, so the
-variable must be set before the first kernel module is imported. The kernel
-modules load lazily (first Triton call), and nothing else in the suite uses
-Triton, so setting it here, at collection, is early enough. ``setdefault`` keeps
-an explicit ``TRITON_INTERPRET=0`` (for running these tests compiled on a GPU).
+The interpreter is scoped to the tests that ask for it: the ``device`` fixture
+sets ``TRITON_INTERPRET=1`` (``monkeypatch``, so for that one test) when there is
+no CUDA device, and nothing else in the pytest process or its subprocesses
+(``tests.conftest.subprocess_env`` drops the variable) sees it. On a GPU machine
+``device`` is ``"cuda"`` and the compiled kernels run, unless the session was
+started with ``TRITON_INTERPRET=1`` to force the interpreter.
+
+Compiled or interpreted is decided per launch by the tensors' device
+(``kernels.dispatch.kernel_module`` keeps one copy of each kernel module per
+mode), so interpreted and compiled launches can share a process. Kernel
+self-test verdicts (``kernels.verify``) go to a per-session temporary cache,
+never to the user's ``~/.cache``.
 """
 
+from __future__ import annotations
+
+import functools
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import functools  # noqa: E402
+from kernels import verify
+from kernels.dispatch import triton_available
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels.dispatch import interpreter_enabled, triton_available  # noqa: E402
+INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
 
-def triton_device() -> str:
-    """Where the Triton path runs in these tests: CUDA when compiled, else CPU (interpreter)."""
-    return "cpu" if interpreter_enabled() else "cuda"
+def interpreter_forced() -> bool:
+    """Whether the session was started with TRITON_INTERPRET=1 (interpret even with CUDA)."""
+    return INTERPRET_AT_START not in (None, "", "0")
 
 
 @functools.cache
 def interpreter_problem() -> str | None:
-    """Why this triton + numpy cannot interpret our kernels, or None.
+    """Why this triton + numpy cannot interpret our kernels, or None (call with the interpreter on).
 
     Loop bounds computed from ``tl.program_id`` (causal attention, row chunks) fail
     under triton 3.6's interpreter with numpy >= 2.4 ("only 0-dimensional arrays can
@@ -51,16 +60,36 @@ def interpreter_problem() -> str | None:
 
 
 @pytest.fixture
-def device() -> str:
+def interpreter(monkeypatch) -> str:
+    """The Triton interpreter on CPU for this test only; returns the device, ``"cpu"``."""
     if not triton_available():
         pytest.skip("triton is not installed")
-    if not interpreter_enabled() and not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 and no CUDA device")
-    if interpreter_enabled() and (problem := interpreter_problem()):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if problem := interpreter_problem():
         pytest.skip(f"cannot interpret Triton kernels here ({problem}); use triton>=3.9 or numpy<2.4")
-    return triton_device()
+    return "cpu"
+
+
+@pytest.fixture
+def device(request) -> str:
+    """Where the Triton path runs in this test: ``"cuda"`` (compiled) or ``"cpu"`` (interpreted)."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available() and not interpreter_forced():
+        return "cuda"
+    return request.getfixturevalue("interpreter")
+
+
+@pytest.fixture(scope="session")
+def kernel_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernel_cache")
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _isolated(kernel_cache_dir, monkeypatch):
+    """Seed 0; self-test verdicts in a session cache, in-process verdicts forgotten per test."""
     torch.manual_seed(0)
+    monkeypatch.setenv(verify.CACHE_ENV, str(kernel_cache_dir))
+    verify.forget()
+    yield
+    verify.forget()

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from tolerance import assert_close_fp32, assert_within_torch_error
 
 from kernels import flash_attention
 from kernels.attention import attention_reference, attention_sdpa
 from kernels.attention.reference import attention_mask
+from kernels.tolerance import assert_close_fp32, assert_within_torch_error
 
 
 def make_inputs(b, hq, hkv, t, d, dtype, device, *, docs=False):
@@ -37,7 +37,7 @@ def attention_same_dtype(q, k, v, *, causal, softmax_scale=None, doc_ids=None):
     scale = softmax_scale or 1.0 / math.sqrt(q.shape[-1])
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-1, -2)) * scale
-    mask = attention_mask(q.shape[2], causal=causal, doc_ids=doc_ids, device=q.device)
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, doc_ids=doc_ids, device=q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
@@ -98,17 +98,19 @@ def test_custom_scale_and_strided_inputs(device):
 
 
 def test_other_tile_shapes_give_same_result(device):
-    from kernels.attention.function import AttentionConfig, FlashAttentionFunction
+    from kernels.attention.function import AttentionConfig, attention_bwd_launch, attention_fwd_launch
 
     q, k, v, doc_ids = make_inputs(1, 2, 1, 50, 32, torch.float32, device, docs=True)
+    q, k, v = q.detach(), k.detach(), v.detach()
     grad_out = torch.randn_like(q)
     ref_out, ref_grads = fwd_bwd(
         attention_reference, *as_fp64(q, k, v), grad_out.double(), causal=True, doc_ids=doc_ids
     )
     configs = (AttentionConfig(16, 16, 16, 16, 16, 16, 1, 1), AttentionConfig(64, 32, 16, 64, 64, 32, 1, 1))
     for config in configs:
-        out = FlashAttentionFunction.apply(q, k, v, True, 1 / math.sqrt(32), doc_ids, config)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        scale = 1 / math.sqrt(32)
+        out, lse = attention_fwd_launch(q, k, v, doc_ids, None, True, scale, config)
+        grads = attention_bwd_launch(grad_out, q, k, v, out, lse, doc_ids, None, True, scale, None, config)
         assert_close_fp32(out, ref_out, name=f"out {config}")
         for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
             assert_close_fp32(g, rg, name=f"d{name} {config}", tol=5e-5)
@@ -156,3 +158,8 @@ def test_shape_errors_name_the_shapes():
     kv = torch.randn(1, 2, 8, 16)  # 2 kv heads do not divide 3 q heads
     with pytest.raises(ValueError, match="kv heads"):
         attention_reference(q, kv, kv)
+    q, kv = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="causal attention needs as many queries as keys"):
+        flash_attention(q, kv, kv, causal=True)
+    with pytest.raises(ValueError, match=r"doc_ids must be \(B, Tq\)"):
+        flash_attention(q, q, q, doc_ids=torch.zeros(1, 9, dtype=torch.long))

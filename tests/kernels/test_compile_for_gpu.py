@@ -25,4 +25,4 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "compiled 36 kernel variants for sm_90" in proc.stdout, proc.stdout[-3000:]
+    assert "compiled 42 kernel variants for sm_90" in proc.stdout, proc.stdout[-3000:]

@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close_fp32, assert_within_torch_error
 
 from kernels import (
     cross_entropy,
@@ -16,12 +15,12 @@ from kernels import (
     vocab_parallel_cross_entropy,
 )
 from kernels.cross_entropy import cross_entropy_reference
+from kernels.tolerance import assert_close_fp32, assert_within_torch_error
 
 
-def make(n, v, dtype, device, *, n_ignored=1):
+def make(n, v, dtype, device):
     logits = (3 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
     labels = torch.randint(0, v, (n,), device=device)
-    labels[:n_ignored] = -100
     return logits, labels
 
 
@@ -32,33 +31,29 @@ def loss_and_grad(fn, logits, labels, grad_loss, **kwargs):
 
 
 @pytest.mark.parametrize("v", [1, 17, 129, 1000])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_fp32_loss_and_grad_match_reference(device, v, smoothing):
-    logits, labels = make(13, v, torch.float32, device, n_ignored=3)
+def test_fp32_loss_and_grad_match_reference(device, v):
+    logits, labels = make(13, v, torch.float32, device)
     grad_loss = torch.rand(13, device=device)
-    kw = dict(label_smoothing=smoothing)
-    loss, grad = loss_and_grad(cross_entropy, logits, labels, grad_loss, impl="triton", **kw)
+    loss, grad = loss_and_grad(cross_entropy, logits, labels, grad_loss, impl="triton")
     logits64 = logits.detach().double().requires_grad_()
-    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits64, labels, grad_loss.double(), **kw)
+    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits64, labels, grad_loss.double())
     assert loss.dtype == torch.float32
     assert_close_fp32(loss, ref, name="loss")
     assert_close_fp32(grad, ref_grad, name="grad")
-    assert torch.equal(loss[:3], torch.zeros(3, device=device)) and not grad[:3].any()  # ignored rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_torch_error(device, dtype):
     logits, labels = make(16, 300, dtype, device)
     grad_loss = torch.rand(16, device=device)
-    kw = dict(label_smoothing=0.1)
-    loss, grad = loss_and_grad(cross_entropy, logits, labels, grad_loss, impl="triton", **kw)
+    loss, grad = loss_and_grad(cross_entropy, logits, labels, grad_loss, impl="triton")
 
-    def same_dtype(x, y, **k):
-        return F.cross_entropy(x, y, reduction="none", **k)
+    def same_dtype(x, y):
+        return F.cross_entropy(x, y, reduction="none")
 
-    base, base_grad = loss_and_grad(same_dtype, logits, labels, grad_loss.to(dtype), **kw)
+    base, base_grad = loss_and_grad(same_dtype, logits, labels, grad_loss.to(dtype))
     logits64 = logits.detach().double().requires_grad_()
-    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits64, labels, grad_loss.double(), **kw)
+    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits64, labels, grad_loss.double())
     assert_within_torch_error(loss, base, ref, name="loss")
     assert grad.dtype == dtype
     assert_within_torch_error(grad, base_grad, ref_grad, name="grad")
@@ -67,25 +62,21 @@ def test_low_precision_within_twice_torch_error(device, dtype):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_slices_combine_to_full_loss_and_grad(device, impl):
     """Three uneven vocab slices, reduced by hand as the caller's all-reduce would."""
-    n, v, eps = 11, 203, 0.2
+    n, v = 11, 203
     logits, labels = make(n, v, torch.float32, device)
     grad_loss = torch.rand(n, device=device)
-    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits, labels, grad_loss, label_smoothing=eps)
-    bounds = [(0, 50), (50, 51), (51, v)]  # includes a one-column slice
+    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits, labels, grad_loss)
+    bounds = [(0, 50), (50, 50), (50, 51), (51, v)]  # an empty and a one-column slice
     x = logits.detach()
     parts = [cross_entropy_partials(x[:, a:b], labels, vocab_start=a, impl=impl) for a, b in bounds]
     row_max = torch.stack([p.row_max for p in parts]).amax(0)
     sum_exp = sum(p.sum_exp * torch.exp(p.row_max - row_max) for p in parts)
     lse = row_max + torch.log(sum_exp)
-    target = sum(p.target_logit for p in parts)
-    total = sum(p.sum_logits for p in parts)
-    loss = torch.where(labels == -100, 0.0, lse - (1 - eps) * target - eps / v * total)
+    loss = lse - sum(p.target_logit for p in parts)
     assert_close_fp32(loss, ref, name="loss")
     grad = torch.cat(
         [
-            cross_entropy_slice_grad(
-                x[:, a:b], labels, lse, grad_loss, vocab_start=a, vocab_size=v, label_smoothing=eps, impl=impl
-            )
+            cross_entropy_slice_grad(x[:, a:b], labels, lse, grad_loss, vocab_start=a, impl=impl)
             for a, b in bounds
         ],
         dim=1,
@@ -95,10 +86,10 @@ def test_slices_combine_to_full_loss_and_grad(device, impl):
 
 def test_vocab_parallel_over_two_threads_matches_full():
     """Two 'ranks' as threads with barrier-based all-reduces (torch path: the wiring)."""
-    n, v, eps = 9, 64, 0.1
+    n, v = 9, 64
     logits, labels = make(n, v, torch.float32, "cpu")
     grad_loss = torch.rand(n)
-    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits, labels, grad_loss, label_smoothing=eps)
+    ref, ref_grad = loss_and_grad(cross_entropy_reference, logits, labels, grad_loss)
     world, barrier, slots = 2, threading.Barrier(2), [None, None]
     losses, grads = [None, None], [None, None]
 
@@ -116,7 +107,7 @@ def test_vocab_parallel_over_two_threads_matches_full():
         a, b = rank * v // world, (rank + 1) * v // world
         local = logits.detach()[:, a:b].clone().requires_grad_()
         loss = vocab_parallel_cross_entropy(
-            local, labels, vocab_start=a, vocab_size=v, label_smoothing=eps, impl="torch",
+            local, labels, vocab_start=a, impl="torch",
             all_reduce_max=reducer(rank, lambda s: s.amax(0)),
             all_reduce_sum=reducer(rank, lambda s: s.sum(0)),
         )  # fmt: skip
@@ -134,7 +125,7 @@ def test_vocab_parallel_over_two_threads_matches_full():
 
 
 def test_nan_row_propagates_like_reference(device):
-    logits, labels = make(4, 70, torch.float32, device, n_ignored=0)
+    logits, labels = make(4, 70, torch.float32, device)
     x = logits.detach().clone()
     x[1, 5] = float("nan")
     loss = cross_entropy(x, labels, impl="triton")

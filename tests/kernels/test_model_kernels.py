@@ -1,12 +1,16 @@
-"""A tiny model trained with ``model.kernels=triton`` (interpreted on CPU) matches ``torch``."""
+"""A tiny model trained on the Triton kernels (interpreted on CPU) matches ``model.kernels=torch``."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import logging
 
 import pytest
 import torch
 
+from kernels import verify
+from kernels.interpreter import kernel_module
 from megalm.config import ModelConfig
 from megalm.model import GPT
 
@@ -27,40 +31,67 @@ def _train(cfg: ModelConfig, device: str, steps: int = 5) -> list[float]:
     return losses
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_five_steps_with_triton_kernels_match_torch(device, family, monkeypatch):
-    """Attention (head dim 16), RMSNorm/LayerNorm and cross entropy all take the Triton path."""
-    import kernels.attention
-    import kernels.norms
-
+def _spy_dispatch(monkeypatch) -> list[tuple[str, str, bool]]:
+    """Record (module, impl, Triton?) for every dispatch decision of the model's ops."""
     taken = []
-    for module in (kernels.attention, kernels.norms):
+    for name in ("kernels.attention", "kernels.norms", "kernels.cross_entropy"):
+        module = importlib.import_module(name)  # kernels.cross_entropy is also a function
         original = module.use_triton
 
-        def spy(impl, *tensors, _original=original, _name=module.__name__):
-            decision = _original(impl, *tensors)
+        def spy(impl, *tensors, _original=original, _name=module.__name__, **kwargs):
+            decision = _original(impl, *tensors, **kwargs)
             taken.append((_name, impl, decision))
             return decision
 
         monkeypatch.setattr(module, "use_triton", spy)
-    cfg = ModelConfig(
-        family=family,
-        vocab_size=300,
-        n_layers=2,
-        d_model=64,
-        n_heads=4,
-        n_kv_heads=2,
-        seq_len=33,
+    return taken
+
+
+def _config(family: str) -> ModelConfig:
+    return ModelConfig(
+        family=family, vocab_size=300, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, seq_len=33,
         kernels="torch",
-    )
+    )  # fmt: skip
+
+
+def _assert_close_losses(got: list[float], ref: list[float]) -> None:
+    assert ref[-1] < ref[0] - 0.1  # it trains
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
+    assert worst <= 1e-4, f"losses {got} vs {ref}: relative difference {worst:.1e}"
+
+
+@pytest.mark.slow
+def test_five_steps_with_triton_kernels_match_torch(device, monkeypatch):
+    """gpt2: attention (head dim 16), LayerNorm and cross entropy all take the Triton path."""
+    taken = _spy_dispatch(monkeypatch)
+    cfg = _config("gpt2")
     ref = _train(cfg, device)
     assert all(not decision for _, _, decision in taken)
     got = _train(dataclasses.replace(cfg, kernels="triton"), device)
     assert {name for name, impl, decision in taken if impl == "triton" and decision} == {
         "kernels.attention",
         "kernels.norms",
+        "kernels.cross_entropy",
     }
-    assert ref[-1] < ref[0] - 0.1  # it trains
-    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
-    assert worst <= 1e-4, f"losses {got} vs {ref}: relative difference {worst:.1e}"
+    _assert_close_losses(got, ref)
+
+
+@pytest.mark.slow
+def test_auto_with_a_wrong_kernel_trains_on_the_pytorch_path_with_one_warning(
+    device, monkeypatch, caplog, tmp_path
+):
+    """llama, kernels=auto, a broken RMSNorm kernel injected: caught by its self-test, one
+    warning, RMSNorm on PyTorch while attention and cross entropy pass and run on Triton."""
+    monkeypatch.setenv(verify.CACHE_ENV, str(tmp_path))
+    broken = kernel_module("broken_kernels")
+    monkeypatch.setattr(kernel_module("kernels.norms.kernel"), "_norm_fwd_kernel", broken._norm_fwd_kernel)
+    taken = _spy_dispatch(monkeypatch)
+    cfg = _config("llama")
+    ref = _train(cfg, device, steps=3)
+    with caplog.at_level(logging.WARNING, logger="kernels.verify"):
+        got = _train(dataclasses.replace(cfg, kernels="auto"), device, steps=3)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kernels.verify"]
+    assert len(warnings) == 1 and "kernel norms failed its self-test" in warnings[0], warnings
+    decided = {(name, decision) for name, impl, decision in taken if impl == "auto"}
+    assert decided == {("kernels.attention", True), ("kernels.cross_entropy", True), ("kernels.norms", False)}
+    _assert_close_losses(got, ref)

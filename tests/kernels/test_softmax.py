@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerance import assert_close_fp32, assert_within_torch_error
 
 from kernels import scaled_masked_softmax
 from kernels.softmax import scaled_masked_softmax_reference
-from kernels.softmax.kernel import ScaledMaskedSoftmaxFunction
+from kernels.softmax.function import softmax_backward, softmax_forward
 from kernels.softmax.reference import softmax_mask
+from kernels.tolerance import assert_close_fp32, assert_within_torch_error
 
 
 def fwd_bwd(fn, x, grad_out, **kwargs):
@@ -68,9 +68,10 @@ def test_one_block_and_multi_block_rows_agree(device, block):
     x = torch.randn(1, 2, 9, 257, device=device, requires_grad=True)
     mask = torch.rand(1, 1, 9, 257, device=device) < 0.5
     grad_out = torch.randn_like(x)
-    out = ScaledMaskedSoftmaxFunction.apply(x, 0.5, mask, True, block)
-    (grad,) = torch.autograd.grad(out, x, grad_out)
-    ref, ref_grad = fwd_bwd(scaled_masked_softmax_reference, x, grad_out, scale=0.5, mask=mask, causal=True)
+    out = softmax_forward(x.detach(), scale=0.5, mask=mask, causal=True, q_offset=3, block=block)
+    grad = softmax_backward(out, grad_out, scale=0.5, block=block)
+    kw = dict(scale=0.5, mask=mask, causal=True, q_offset=3)
+    ref, ref_grad = fwd_bwd(scaled_masked_softmax_reference, x, grad_out, **kw)
     assert_close_fp32(out, ref, name=f"probs block={block}")
     assert_close_fp32(grad, ref_grad, name=f"grad block={block}")
 
@@ -127,6 +128,25 @@ def test_running_twice_is_bitwise_identical(device):
     grad_out = torch.randn_like(x)
     runs = [fwd_bwd(scaled_masked_softmax, x, grad_out, causal=True, impl="triton") for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize(
+    "tq,tk,q_offset",
+    [(1, 37, 36), (1, 150, 149), (1, 20, 5), (5, 70, 65), (6, 40, -2), (3, 300, 297)],
+)  # decode rows against a KV cache, a chunk at the end of the keys, rows that see nothing
+def test_causal_offset_matches_reference(device, tq, tk, q_offset):
+    x = (3 * torch.randn(2, 3, tq, tk, device=device)).requires_grad_()
+    mask = torch.rand(2, 1, 1, tk, device=device) < 0.2  # padded cache slots
+    grad_out = torch.randn_like(x)
+    kw = dict(scale=0.3, mask=mask, causal=True, q_offset=q_offset)
+    out, grad = fwd_bwd(scaled_masked_softmax, x, grad_out, impl="triton", **kw)
+    x64 = x.detach().double().requires_grad_()
+    ref, ref_grad = fwd_bwd(scaled_masked_softmax_reference, x64, grad_out.double(), **kw)
+    assert_close_fp32(out, ref, name="probs")
+    assert_close_fp32(grad, ref_grad, name="grad")
+    cols = torch.arange(tk, device=device)
+    rows = torch.arange(tq, device=device)[:, None]
+    assert not out[..., cols[None, :] > rows + q_offset].any()  # nothing past the query's position
 
 
 def test_torch_path_and_bad_masks():
