@@ -174,7 +174,6 @@ def vocab_parallel_cross_entropy(
         logits,
         target,
         vocab_start=vocab_start,
-        vocab_size=n_valid,
         all_reduce_max=lambda t: all_reduce_(t, group, torch.distributed.ReduceOp.MAX),
         all_reduce_sum=lambda t: all_reduce_(t, group, torch.distributed.ReduceOp.SUM),
         impl=impl,
