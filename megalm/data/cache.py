@@ -168,6 +168,13 @@ class ShardCache:
                 self._fetcher = _Fetcher(PREFETCH_THREADS)
             self._futures[dest] = self._fetcher.submit(self._fetch, url, dest, sha256)
 
+    def drain(self) -> None:
+        """Wait until the background fetches queued so far have finished (their errors are dropped)."""
+        with self._mutex:
+            futures = list(self._futures.values())
+        for future in futures:
+            future.exception()
+
     def touch(self, path: Path) -> None:
         """Mark ``path`` as used now (least recently used eviction), at most every few seconds."""
         now = time.time()
