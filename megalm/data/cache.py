@@ -157,9 +157,10 @@ class ShardCache:
         return self._fetch(url, dest, sha256)
 
     def prefetch(self, url: str, name: str, sha256: str | None, kind: str = "shards") -> None:
-        """Fetch ``url`` in the background unless it is cached or already queued."""
+        """Fetch ``url`` in the background unless it is cached (then it counts as used) or queued."""
         dest = self.path(url, name, sha256, kind)
         if sha256 is not None and dest.exists():
+            self.touch(dest)
             return
         with self._mutex:
             if dest in self._futures:

@@ -26,13 +26,14 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from megalm.data.cache import ShardCache
+from megalm.data.cache import TOUCH_EVERY_S, ShardCache
 from megalm.data.errors import CorruptFile, DataError, FetchError
 from megalm.data.remote import file_url, is_remote, read_bytes
 
@@ -244,6 +245,7 @@ class ShardDocuments:
         self.offsets = np.concatenate(offsets) if offsets else np.empty(0, np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
         self._maps: dict[int, np.memmap] | None = None
+        self._asked: dict[int, float] = {}  # remote shard -> when prefetch last asked the cache for it
 
     @property
     def files(self) -> list[Path]:
@@ -336,12 +338,20 @@ class ShardDocuments:
         return m.cache.get(m.location(shard["file"]), shard["file"], shard["sha256"])
 
     def prefetch(self, first: int, stop: int) -> None:
-        """Fetch in the background the remote shards that documents ``[first, stop)`` live in."""
-        if self.remote:
-            m = self.manifest
-            for s in np.unique(self.shard_of[first:stop]):
-                name = self.entries[s]["file"]
-                m.cache.prefetch(m.location(name), name, self.entries[s]["sha256"])
+        """Fetch in the background the remote shards that documents ``[first, stop)`` live in.
+
+        A shard asked for in the last few seconds is not asked for again (the loader
+        calls this for every window; the cache only needs to hear of each use now and then).
+        """
+        if not self.remote:
+            return
+        m, now = self.manifest, time.monotonic()
+        for s in {int(s) for s in self.shard_of[first:stop]}:
+            if now - self._asked.get(s, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+                continue
+            self._asked[s] = now
+            name = self.entries[s]["file"]
+            m.cache.prefetch(m.location(name), name, self.entries[s]["sha256"])
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -374,7 +384,7 @@ class ShardDocuments:
         return self._maps[s]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_asked": {}}
 
 
 def read_documents(manifest: Manifest, split: str, verify: bool = True) -> list[np.ndarray]:
