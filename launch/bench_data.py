@@ -49,7 +49,7 @@ from megalm.data import TrainBatches, load_manifest, open_split  # noqa: E402
 from megalm.train.metrics import read_metrics  # noqa: E402
 
 
-def bench_preprocess(work: Path, mb: float, workers: int, vocab: int) -> dict:
+def bench_preprocess(work: Path, mb: float, workers: int, vocab: int, shard_tokens: int) -> dict:
     corpus, n_docs, n_bytes = build_corpus(work / "corpus", max_mb=mb)
     tok_path = train_tokenizer([str(corpus)], vocab, work / "tok")
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
@@ -72,7 +72,7 @@ def bench_preprocess(work: Path, mb: float, workers: int, vocab: int) -> dict:
         "--workers",
         str(workers),
         "--shard-tokens",
-        "2000000",
+        str(shard_tokens),
         "--val-fraction",
         "0.01",
     ]
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mb", type=float, default=16.0, help="stdlib corpus size")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--shard-tokens", type=int, default=2_000_000)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seconds", type=float, default=3.0, help="per loader measurement")
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, default=Path("runs/bench_data.json"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        pre = bench_preprocess(Path(tmp), args.mb, args.workers, args.vocab_size)
+        pre = bench_preprocess(Path(tmp), args.mb, args.workers, args.vocab_size, args.shard_tokens)
         load = bench_loader(Path(tmp) / "shards", args.seq_len, args.micro_batch, args.seconds)
         remote = None
         if args.remote:

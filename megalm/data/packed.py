@@ -75,8 +75,8 @@ class PackedWindows:
     def documents_of(self, i: int) -> range:
         """The documents window ``i`` reads (for the tokens it holds, or only for their EOS)."""
         start, stop = i * self.seq_len, i * self.seq_len + self.seq_len + 1
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
-        last = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
+        first = int(self.starts.searchsorted(start, side="right")) - 1
+        last = int(self.starts.searchsorted(stop - 1, side="right")) - 1
         return range(first, last + 1)
 
     def prefetch(self, i: int) -> None:
