@@ -154,6 +154,8 @@ class ShardCache:
             future = self._futures.pop(dest, None)
         if future is not None:
             future.result()
+            if dest.exists():  # (unless evicted since)
+                return dest
         return self._fetch(url, dest, sha256)
 
     def prefetch(self, url: str, name: str, sha256: str | None, kind: str = "shards") -> None:
@@ -198,9 +200,17 @@ class ShardCache:
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        """An exclusive flock on ``locks/<name>.lock`` (released when the process dies)."""
-        with open(self.root / "locks" / f"{name}.lock", "a") as f:  # "a": create, never truncate
-            fcntl.flock(f, fcntl.LOCK_EX)
+        """An exclusive flock on ``locks/<name>.lock`` (released when the process dies).
+
+        Raises:
+            DataError: the cache's file system cannot lock (some network file systems).
+        """
+        path = self.root / "locks" / f"{name}.lock"
+        with open(path, "a") as f:  # "a": create, never truncate
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as e:
+                raise DataError(f"cannot lock {path} ({e}); put data.cache_dir on a local disk") from None
             yield
 
     def _evict(self, keep: Path) -> None:
