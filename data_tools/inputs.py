@@ -104,6 +104,37 @@ def _parquet_records(path: Path, text_key: str, before: int, size: int) -> Itera
             )
 
 
+class _Bad(Exception):
+    """A record that is not a document: ``reason`` is the skip counter, the message a sentence."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _text_of(rec: Record, text_key: str) -> str:
+    """The text of ``rec``; raises :class:`_Bad` for a record that has none."""
+    try:
+        if rec.kind == "text":
+            return rec.payload
+        if rec.kind == "txt":
+            return rec.payload.decode("utf-8")
+        record = json.loads(rec.payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _Bad(
+            "non_utf8",
+            f"{rec.where}: not UTF-8 (byte {e.start}: {e.reason}); fix the file or pass --on-bad-input skip",
+        ) from None
+    except json.JSONDecodeError as e:
+        raise _Bad("bad_json", f"{rec.where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or text_key not in record:
+        raise _Bad("missing_key", f"{rec.where}: no '{text_key}' field; pass --text-key")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise _Bad("not_text", f"{rec.where}: '{text_key}' is {type(text).__name__}, not text")
+    return text
+
+
 def decode_record(rec: Record, text_key: str, on_bad_input: str) -> tuple[str | None, str]:
     """The document text of ``rec``, or ``(None, reason)`` for a counted skip.
 
@@ -111,32 +142,11 @@ def decode_record(rec: Record, text_key: str, on_bad_input: str) -> tuple[str | 
     other problem is an :class:`InputError` naming the file and line.
     """
     try:
-        if rec.kind == "text":
-            text = rec.payload
-        elif rec.kind == "txt":
-            text = rec.payload.decode("utf-8")
-        else:
-            try:
-                record = json.loads(rec.payload.decode("utf-8"))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{rec.where}: not valid JSON ({e.msg})", "bad_json") from e
-            if not isinstance(record, dict) or text_key not in record:
-                raise InputError(f"{rec.where}: no '{text_key}' field; pass --text-key", "missing_key")
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise InputError(f"{rec.where}: '{text_key}' is {type(text).__name__}, not text", "not_text")
-    except UnicodeDecodeError as e:
-        err = InputError(
-            f"{rec.where}: not UTF-8 (byte {e.start}: {e.reason}); fix the file or pass --on-bad-input skip",
-            "non_utf8",
-        )
+        text = _text_of(rec, text_key)
+    except _Bad as e:
         if on_bad_input == "raise":
-            raise err from None
-        return None, "non_utf8"
-    except InputError as e:
-        if on_bad_input == "raise":
-            raise InputError(e.args[0]) from None
-        return None, e.args[1]
+            raise InputError(str(e)) from None
+        return None, e.reason
     if not text.strip():
         return None, "empty"
     return text, ""

@@ -1,13 +1,20 @@
 """Tokenize documents in parallel into webdataset ``.tar`` shards plus ``manifest.json``.
 
 One sample per document: ``<key>.ids.npy`` holds its token ids (uint16 when the
-vocabulary fits, else uint32; no EOS: the loader inserts it between documents).
-Each shard gets a sidecar ``<shard>.index.npy`` (byte offset and length of every
-document's tokens) so the loader memory-maps shards without scanning them. A
+vocabulary fits, else uint32; no EOS: the loader inserts it between documents);
+the key ``<split>-<shard>-<document>`` (``train-00003-000000017``) is unique across
+the shards and splits of a data set. Each shard gets a sidecar
+``<shard>.index.npy`` (byte offset and length of every document's tokens) so the
+loader memory-maps shards without scanning them; the manifest lists each shard's
+sha256, size and its sidecar's sha256 (what a remote reader verifies). A
 document goes to the validation split when a hash of its text falls under
 ``--val-fraction``, so the split does not depend on input order or worker count.
 Same inputs and settings give byte-identical shards (fixed tar metadata, results
 consumed in input order).
+
+The output is written beside ``--output`` and published by a rename when complete
+(:mod:`data_tools.publish`): a failed or killed run changes nothing, and an
+existing data set is replaced only with ``--overwrite``.
 
 The pipeline, stage by stage (:func:`preprocess`)::
 
@@ -19,7 +26,8 @@ The pipeline, stage by stage (:func:`preprocess`)::
 Usage::
 
     python -m data_tools.preprocess --input PATH... --tokenizer T --output DIR \\
-        [--text-key text] [--workers N] [--shard-tokens N] [--val-fraction F] [--on-bad-input raise|skip]
+        [--text-key text] [--workers N] [--shard-tokens N] [--val-fraction F] \\
+        [--on-bad-input raise|skip] [--overwrite]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tarfile
 import threading
 import time
@@ -42,10 +51,11 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.inputs import InputError, Record, decode_record, expand_inputs, read_records
+from data_tools.publish import check_output, staged_output
 from data_tools.train_tokenizer import EOS, PAD, load_tokenizer
-from megalm.data.shards import sha256_file
+from megalm.data.shards import SUFFIX, sha256_file
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: document keys unique per data set; shard bytes, index_sha256
 _worker: dict = {}
 
 
@@ -162,7 +172,7 @@ class ShardWriter:
             self.close()
             self._open()
         shard = self.shards[-1]
-        info = tarfile.TarInfo(f"{shard['documents']:09d}.ids.npy")
+        info = tarfile.TarInfo(f"{shard['file'].removesuffix('.tar')}-{shard['documents']:09d}{SUFFIX}")
         info.size, info.mode, info.uname, info.gname = len(npy), 0o444, "megalm", "megalm"
         header_at = self._tar.offset
         self._tar.addfile(info, io.BytesIO(npy))
@@ -171,15 +181,17 @@ class ShardWriter:
         shard["tokens"] += n_tokens
 
     def close(self) -> None:
-        """Finish the open shard: checksum and index sidecar."""
+        """Finish the open shard: size, checksum and index sidecar (with its checksum)."""
         if self._tar is not None:
             self._tar.close()
-            self._file.close()
             shard = self.shards[-1]
+            shard["bytes"] = self._file.tell()
+            self._file.close()
             shard["sha256"] = self._file.sha.hexdigest()
-            path = self.output / shard["file"]
-            with open(path.with_name(path.name + ".index.npy"), "wb") as f:
-                np.save(f, np.array(self._index, dtype=np.int64).reshape(-1, 2), allow_pickle=False)
+            buf = io.BytesIO()
+            np.save(buf, np.array(self._index, dtype=np.int64).reshape(-1, 2), allow_pickle=False)
+            (self.output / (shard["file"] + ".index.npy")).write_bytes(buf.getvalue())
+            shard["index_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
             self._tar = self._file = None
 
 
@@ -214,34 +226,53 @@ def preprocess(
     batch_docs: int = 64,
     on_bad_input: str = "raise",
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``inputs`` into shards under ``output``; returns the manifest dict.
+    """Tokenize ``inputs`` into shards published at ``output``; returns the manifest dict.
 
     Raises:
-        InputError: unreadable inputs, no documents, or bad input under ``on_bad_input="raise"``.
+        InputError: unreadable inputs, no documents, bad input under ``on_bad_input="raise"``,
+            or an ``output`` that must not be replaced (see :func:`data_tools.publish.check_output`).
     """
+    check_output(output, overwrite)
     files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
-    vocab = tok.get_vocab_size()
-    eos_id = tok.token_to_id(EOS)
-    if eos_id is None:
+    if tok.token_to_id(EOS) is None:
         raise InputError(
             f"tokenizer {tokenizer} has no {EOS} token; train it with data_tools.train_tokenizer"
         )
-    output.mkdir(parents=True, exist_ok=True)
     tok_src = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-    if tok_src.resolve() != (output / "tokenizer.json").resolve():
-        shutil.copyfile(tok_src, output / "tokenizer.json")
-    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    writers = {s: ShardWriter(output, s, shard_tokens) for s in ("train", "val")}
+    dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
     settings = {
         "text_key": text_key,
         "on_bad_input": on_bad_input,
         "val_fraction": val_fraction,
         "dtype": dtype,
     }
-    total_bytes = sum(f.stat().st_size for f in files)
+    with staged_output(output, overwrite) as stage:
+        shutil.copyfile(tok_src, stage / "tokenizer.json")
+        writers = {s: ShardWriter(stage, s, shard_tokens) for s in ("train", "val")}
+        stats = _tokenize(files, str(tok_src), settings, writers, workers, batch_docs, progress)
+        skipped = {k[len("skipped_") :]: v for k, v in sorted(stats.items()) if k.startswith("skipped_")}
+        if not stats.get("documents"):
+            counts = "".join(f"; skipped: {n} {k}" for k, n in skipped.items())
+            raise InputError(
+                f"the inputs {inputs} hold no non-empty documents (text key '{text_key}'{counts})"
+            )
+        return write_manifest(stage, tok, dtype, writers, skipped)
 
+
+def _tokenize(
+    files: list[Path],
+    tok_src: str,
+    settings: dict,
+    writers: dict,
+    workers: int,
+    batch_docs: int,
+    progress: bool | None,
+) -> dict:
+    """The pipeline of the module docstring; closes the writers and returns the counts."""
+    total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(
         total=total_bytes,
         unit="B",
@@ -250,18 +281,15 @@ def preprocess(
         disable=None if progress is None else not progress,
     )  # None: only on a terminal
     in_flight = threading.BoundedSemaphore(4 * max(1, workers))  # read ahead a few batches, not the corpus
-    with mp.get_context("spawn").Pool(max(1, workers), _init_worker, (str(tok_src), settings)) as pool:
-        records = read_records(files, text_key)
+    with mp.get_context("spawn").Pool(max(1, workers), _init_worker, (tok_src, settings)) as pool:
+        records = read_records(files, settings["text_key"])
         batches = _bounded(_batched(records, batch_docs), in_flight)
         encoded = pool.imap(_encode, batches)
         stats = _write(_released(encoded, in_flight), writers, bar, total_bytes)
     bar.close()
     for w in writers.values():
         w.close()
-    if not stats.get("documents"):
-        raise InputError(f"the inputs {inputs} hold no non-empty documents (text key '{text_key}')")
-    skipped = {k.removeprefix("skipped_"): v for k, v in sorted(stats.items()) if k.startswith("skipped_")}
-    return write_manifest(output, tok, dtype, writers, skipped)
+    return stats
 
 
 def write_manifest(output: Path, tok, dtype: np.dtype, writers: dict, skipped: dict, **extra) -> dict:
@@ -294,6 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-tokens", type=int, default=50_000_000)
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a data set already in --output (the old one stays readable until the new one "
+        "is complete)",
+    )
+    p.add_argument(
         "--on-bad-input",
         choices=("raise", "skip"),
         default="raise",
@@ -312,9 +346,11 @@ def main(argv: list[str] | None = None) -> None:
             args.shard_tokens,
             args.val_fraction,
             on_bad_input=args.on_bad_input,
+            overwrite=args.overwrite,
         )
     except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     for split in ("train", "val"):
         shards = [s for s in m["shards"] if s["split"] == split]
         print(

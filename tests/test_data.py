@@ -116,6 +116,7 @@ def test_missing_and_corrupt_shards_name_the_file(shards_dir, tmp_path):
     shutil.copytree(shards_dir, bad)
     victim = load_manifest(bad).split("train")[1]["file"]
     data = (bad / victim).read_bytes()
+    (bad / victim).chmod(0o644)  # published shards are read-only
     (bad / victim).write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=f"{victim}' fails its sha256 check"):
         read_documents(load_manifest(bad), "train")
@@ -152,10 +153,11 @@ def test_empty_corpus_is_an_error_in_every_tool(tmp_path, tokenizer_path):
         cwd=ROOT,
         env=subprocess_env(),
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: the inputs ['{empty}'] hold no non-empty documents (text key 'text')"
+        f"error: the inputs ['{empty}'] hold no non-empty documents (text key 'text'; skipped: 1 empty)"
     ]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing left behind
 
 
 def test_jsonl_without_text_key_names_the_line(tmp_path):

@@ -215,10 +215,11 @@ def test_undecodable_sample_without_index_raises_or_is_skipped(unique_dir, tmp_p
     data = bytearray(victim.read_bytes())
     data[start + 1 : start + 6] = b"XXXXX"  # the first member's npy magic
     victim.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="document '000000000.ids.npy' of shard .* fails to decode"):
+    key = "train-00000-000000000.ids.npy"
+    with pytest.raises(DataError, match=f"document '{key}' of shard .* fails to decode"):
         ShardDocuments(m, "train", verify=False)
     docs = ShardDocuments(m, "train", BadData("skip"), verify=False)
-    assert docs.bad.skipped["documents"] == [f"{victim.name}#000000000.ids.npy"]
+    assert docs.bad.skipped["documents"] == [f"{victim.name}#{key}"]
     assert len(docs) == sum(s["documents"] for s in m.split("train")) - 1
 
 

@@ -101,6 +101,7 @@ def test_inspect_summarises_and_verifies_checksums(shards_dir, tmp_path):
     assert "checks: sha256 and readability OK" in ok.stdout
     shutil.copytree(shards_dir, tmp_path / "bad")
     victim = tmp_path / "bad" / m.split("val")[0]["file"]
+    victim.chmod(0o644)  # published shards are read-only
     victim.write_bytes(victim.read_bytes()[:-700])
     bad = run_inspect(tmp_path / "bad")
     assert bad.returncode == 1 and f"SHA256   {victim.name}" in bad.stdout

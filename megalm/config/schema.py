@@ -123,6 +123,12 @@ class ModelConfig:
 class DataConfig:
     """Tokenized webdataset shards written by ``data_tools.preprocess``.
 
+    ``dir`` is a local directory or a remote one: ``http(s)://host/path``,
+    ``s3://bucket/path`` (needs the ``aws`` CLI), ``gs://bucket/path`` (``gsutil``), or
+    ``pipe:COMMAND`` (prints a file; ``{}`` stands for its name). Remote shards are
+    fetched into ``cache_dir`` (``""``: ``$TMPDIR/megalm-cache-<uid>``, one per node,
+    shared by its ranks), verified by sha256 and evicted least recently used beyond
+    ``cache_gb``; a failed transfer is retried ``fetch_retries`` times with backoff.
     ``blend`` mixes several shard directories for training in exact proportions,
     ``"0.7:data/web,0.3:data/code"`` (``dir`` still provides the tokenizer and the
     held-out split); empty means train on ``dir`` alone. ``on_bad_data``: ``raise``
@@ -135,7 +141,10 @@ class DataConfig:
     blend: str = ""
     workers: int = 0  # processes per rank building micro-batches (0: in the training process)
     on_bad_data: Literal["raise", "skip"] = "raise"
-    verify: bool = True  # check every shard's sha256 against the manifest when opening it
+    verify: bool = True  # check every local shard's sha256 against the manifest when opening it
+    cache_dir: str = ""  # remote dir: where fetched shards are kept ("": $TMPDIR/megalm-cache-<uid>)
+    cache_gb: float = 50.0  # remote dir: size bound of the shard cache (least recently used evicted)
+    fetch_retries: int = 3  # remote dir: retries of a failed transfer (backoff 0.5 s, 1 s, 2 s, ...)
 
     def __post_init__(self) -> None:
         _non_negative("data", self, "workers")

@@ -8,6 +8,9 @@ The pipeline, one generator stage per line of :meth:`TrainBatches._pipeline`:
 2. ``_rank_slice``: this data-parallel rank's micro-batches of each step, the
    positions ``j*m*dp + dp_rank*m + [0, m)`` of micro-batch ``j``, so the samples
    of a step do not depend on ``dp`` or ``m`` (equal losses across layouts);
+   ``_prefetch`` (remote data only): runs one optimizer step ahead and has the
+   shards of those micro-batches fetched in the background, so a rank fetches
+   exactly the shards its own windows read, just before it reads them;
 3. ``_materialize``: windows gathered from the memory-mapped shards into
    tensors, in the main process (``workers=0``) or in worker processes, which
    take micro-batches as they free up and hand them back in order (at most two
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -145,6 +149,8 @@ class TrainBatches:
     def _pipeline(self) -> Iterator:
         steps = _steps(self.schedule, self.samplers, self.global_batch, self.consumed, list(self.counts))
         micro_batches = _rank_slice(steps, self.micro_batch, self.dp_size, self.dp_rank, self.accum)
+        if any(w.remote for w in self.sources):
+            micro_batches = _prefetch(micro_batches, self.sources, self.accum)
         return self._materialize(micro_batches)
 
     def _materialize(self, micro_batches: Iterator[_MicroBatch]) -> Iterator:
@@ -264,6 +270,17 @@ def _rank_slice(steps: Iterator, m: int, dp: int, dp_rank: int, accum: int) -> I
         for j in range(accum):
             s = slice(j * m * dp + dp_rank * m, j * m * dp + dp_rank * m + m)
             yield _MicroBatch(which[s], windows[s], state if j == accum - 1 else None)
+
+
+def _prefetch(micro_batches: Iterator[_MicroBatch], sources: list[PackedWindows], ahead: int) -> Iterator:
+    """Pass micro-batches on ``ahead`` late, having asked for each one's shards on arrival."""
+    queued: deque[_MicroBatch] = deque()
+    for mb in micro_batches:
+        for k, w in zip(mb.datasets, mb.windows, strict=True):
+            sources[k].prefetch(int(w))
+        queued.append(mb)
+        if len(queued) > ahead:
+            yield queued.popleft()
 
 
 def _skipped(windows: PackedWindows) -> dict[str, list[str]]:

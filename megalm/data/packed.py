@@ -68,6 +68,24 @@ class PackedWindows:
         return self.n
 
     @property
+    def remote(self) -> bool:
+        """Whether the documents come from a remote data set (fetched on first use)."""
+        return bool(getattr(self.docs, "remote", False))
+
+    def documents_of(self, i: int) -> range:
+        """The documents window ``i`` reads (for the tokens it holds, or only for their EOS)."""
+        start, stop = i * self.seq_len, i * self.seq_len + self.seq_len + 1
+        first = int(self.starts.searchsorted(start, side="right")) - 1
+        last = int(self.starts.searchsorted(stop - 1, side="right")) - 1
+        return range(first, last + 1)
+
+    def prefetch(self, i: int) -> None:
+        """Have the shards window ``i`` reads fetched in the background (remote data; else nothing)."""
+        if self.remote:
+            docs = self.documents_of(i)
+            self.docs.prefetch(docs.start, docs.stop)
+
+    @property
     def total_tokens(self) -> int:
         """Tokens in the stream (documents plus one EOS each)."""
         return int(self.starts[-1])
