@@ -109,8 +109,7 @@ def test_a_failing_server_is_one_error_line_naming_the_url(fine_dir, server, tmp
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     print(lines)
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
-    # The trainer loads the manifest with load_manifest(cfg.data.dir), without cfg.data, so that fetch
-    # uses the default data.fetch_retries (3) until the trainer passes cfg.data along.
-    attempts = 2 if where == "shard" else 4
+    # the manifest and the shards both follow data.fetch_retries=1: two attempts each
+    attempts = 2
     assert lines[0].startswith(f"error: fetching {failing}")
     assert f"failed after {attempts} attempts" in lines[0]

@@ -64,7 +64,7 @@ class Trainer:
         layout = check_layout(cfg, ranks.world_size, ranks.world_from)
         dims = ParallelDims.from_world(ranks.world_size, layout.tp, layout.pp)
         _, dp_rank, _ = dims.coords(ranks.rank)
-        manifest = load_manifest(cfg.data.dir)
+        manifest = load_manifest(cfg.data.dir, cfg.data)
         self.cfg = cfg = resolve_vocab(cfg, manifest)
         seq, d, t = cfg.model.seq_len, cfg.data, cfg.training
         self.batches = open_train_batches(d, manifest, seq, t.global_batch, t.micro_batch, dp_rank, dims.dp)
