@@ -186,7 +186,8 @@ def to_hf(
     Args:
         state_dict: ``GPT(cfg).state_dict()`` at tp = 1 (vocabulary rows padded to any size >= V).
         cfg: its model config.
-        token_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for the HF config.
+        token_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for the HF config
+            (unset ones are ``None``, not the HF classes' defaults, which index other vocabularies).
 
     Returns:
         The config object and a state dict of contiguous tensors in the input dtype, real
@@ -208,7 +209,8 @@ def to_hf(
         out[h] = qkv.t().contiguous() if qkv.dim() == 2 else qkv  # (C, 3C) Conv1D weight, or (3C,) bias
     transformers = _transformers()
     kind = transformers.LlamaConfig if cfg.family == "llama" else transformers.GPT2Config
-    config = kind(**hf_config_kwargs(cfg), **(token_ids or {}), architectures=[ARCHITECTURES[cfg.family]])
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None} | (token_ids or {})
+    config = kind(**hf_config_kwargs(cfg), **ids, architectures=[ARCHITECTURES[cfg.family]])
     config.dtype = next(iter(out.values())).dtype
     return config, out
 
