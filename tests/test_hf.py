@@ -199,6 +199,8 @@ def test_bad_inputs_name_the_problem(tokenizer_path, tmp_path):
     del sd["blocks.1.attn.wk.weight"]
     with pytest.raises(HFError, match=r"missing \['blocks.1.attn.wk.weight'\]"):
         to_hf(sd, cfg)
+    with pytest.raises(HFError, match="model.family=lstm has no transformers equivalent"):
+        to_hf(sd, dataclasses.replace(cfg, family="lstm"))
     wrong_vocab = dataclasses.replace(cfg, vocab_size=cfg.vocab_size - 1)
     with pytest.raises(
         HFError, match=f"has {cfg.vocab_size} tokens but model.vocab_size is {cfg.vocab_size - 1}"

@@ -107,7 +107,7 @@ def _plan(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     return plan
 
 
-def _qkv_names(cfg: ModelConfig, i: int) -> list[tuple[list[str], str]]:
+def _qkv_names(i: int) -> list[tuple[list[str], str]]:
     """GPT-2's fused attention input: ([megalm wq, wk, wv names], HF c_attn name), weight then bias."""
     return [
         ([f"blocks.{i}.attn.{w}.{p}" for w in ("wq", "wk", "wv")], f"transformer.h.{i}.attn.c_attn.{p}")
@@ -193,9 +193,11 @@ def to_hf(
         The config object and a state dict of contiguous tensors in the input dtype, real
         vocabulary only (tied heads are left out, as ``save_pretrained`` does).
     """
+    if cfg.family not in ARCHITECTURES:
+        raise HFError(f"model.family={cfg.family} has no transformers equivalent; export llama or gpt2")
     validate_model_config(cfg)
     plan = _plan(cfg)
-    fused = [] if cfg.family == "llama" else [f for i in range(cfg.n_layers) for f in _qkv_names(cfg, i)]
+    fused = [] if cfg.family == "llama" else [f for i in range(cfg.n_layers) for f in _qkv_names(i)]
     _check_keys(set(state_dict), {m for m, _, _ in plan} | {n for f in fused for n in f[0]}, "state dict")
     V = cfg.vocab_size
     out: dict[str, torch.Tensor] = {}
@@ -329,7 +331,7 @@ def from_hf(
             for k, v in state.items()
         }
     plan = _plan(cfg)
-    fused = [] if family == "llama" else [f for i in range(cfg.n_layers) for f in _qkv_names(cfg, i)]
+    fused = [] if family == "llama" else [f for i in range(cfg.n_layers) for f in _qkv_names(i)]
     tied_head = {"lm_head.weight"} if ties_embeddings(cfg) else set()
     _check_keys(set(state), {h for _, h, _ in plan} | {h for _, h in fused}, "HF state dict", tied_head)
     Vp = padded_vocab_size(cfg, tp)
