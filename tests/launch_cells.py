@@ -49,14 +49,23 @@ def launcher_command(launcher: str, nproc: int) -> list[str]:
     port = str(free_port())
     return {
         "python": [PYTHON, SCRIPT],
-        "torchrun": [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, SCRIPT],
+        "torchrun": [
+            str(VENV_BIN / "torchrun"),
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            port,
+            SCRIPT,
+        ],
         "deepspeed": [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, SCRIPT],
         "mpirun": [str(VENV_BIN / "mpiexec"), "-n", str(nproc), PYTHON, SCRIPT],
         "srun": ["srun", "-n", str(nproc), "--cpus-per-task=1", "--kill-on-bad-exit=1", PYTHON, SCRIPT],
     }[launcher]
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repository root; stdout and stderr merged into ``stdout``."""
     return subprocess.run(
         cmd,

@@ -23,7 +23,9 @@ from tests.launch_cells import (
 
 pytestmark = pytest.mark.slow
 LAUNCHERS = ["torchrun", "deepspeed", "mpirun"]
-needs_mpi = pytest.mark.skipif(not (VENV_BIN / "mpiexec").exists(), reason="no mpiexec: pip install mpich mpi4py")
+needs_mpi = pytest.mark.skipif(
+    not (VENV_BIN / "mpiexec").exists(), reason="no mpiexec: pip install mpich mpi4py"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +61,14 @@ def test_pp2_zero0_reports_the_single_process_grad_norm(ref, shards_dir, tmp_pat
     [
         ("torchrun", ["world size from torchrun: WORLD_SIZE=2"]),
         ("deepspeed", ["world size from deepspeed: WORLD_SIZE=2"]),
-        pytest.param("mpirun", ["world size from mpirun: MPI_COMM_WORLD size 2", "PMI_SIZE=2"], marks=needs_mpi),
+        pytest.param(
+            "mpirun", ["world size from mpirun: MPI_COMM_WORLD size 2", "PMI_SIZE=2"], marks=needs_mpi
+        ),
     ],
 )
-def test_wrong_world_size_is_one_error_line_naming_the_launcher_variables(shards_dir, tmp_path, launcher, names):
+def test_wrong_world_size_is_one_error_line_naming_the_launcher_variables(
+    shards_dir, tmp_path, launcher, names
+):
     proc = run([*launcher_command(launcher, 2), *cell_args(tmp_path, shards_dir, **{"parallel.tp": 4})])
     assert proc.returncode != 0
     line = assert_one_error_line(proc.stdout, "tp(4) * pp(1) * dp(1) != world_size(2)", *names)

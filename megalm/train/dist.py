@@ -216,10 +216,8 @@ def first_host(nodelist: str) -> str:
 
 def reachable_address(host: str) -> str:
     """``host`` if it resolves, else its Slurm ``NodeAddr`` (``scontrol show node``): node names
-    need not be network names (``NodeName=n1 NodeAddr=10.1.0.7``, or two nodes on one machine).
-
-    Raises:
-        LaunchError: neither works; the message says to export MASTER_ADDR.
+    need not be network names (``NodeName=n1 NodeAddr=10.1.0.7``, or several slurmd daemons on
+    one machine). When neither works ``host`` is returned as it is, and the rendezvous names it.
     """
     try:
         socket.getaddrinfo(host, None)
@@ -231,14 +229,9 @@ def reachable_address(host: str) -> str:
             ["scontrol", "show", "node", "-o", host], capture_output=True, text=True, timeout=30
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
-        out = ""
+        return host
     m = re.search(r"\bNodeAddr=(\S+)", out)
-    if m is None:
-        raise LaunchError(
-            f"srun: the first node of the step, {host!r}, does not resolve and `scontrol show node {host}` "
-            "gives no NodeAddr: export MASTER_ADDR=<an address of that node> in the batch script"
-        )
-    return m.group(1)
+    return m.group(1) if m else host
 
 
 def _from_env_vars(env: Mapping[str, str], launcher: str) -> RankEnv:
