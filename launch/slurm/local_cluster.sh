@@ -75,7 +75,7 @@ start() {
     install
     stop
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc honours OMP_NUM_THREADS
     mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2))
     cat >"$conf" <<EOF
 ClusterName=megalm-local
