@@ -1,31 +1,60 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on localhost, for tests and for trying launch/slurm/ out.
+# A real Slurm cluster on localhost (one node, or several), for tests and for trying
+# launch/slurm/ out.
 #
-#   launch/slurm/local_cluster.sh start DIR   install (Debian, as root) and start munged, slurmctld, slurmd
-#   launch/slurm/local_cluster.sh stop DIR    stop the daemons started from DIR
+#   launch/slurm/local_cluster.sh start DIR [NODES]   install (Debian, as root) and start munged,
+#                                                     slurmctld and NODES slurmd daemons (default 1)
+#   launch/slurm/local_cluster.sh stop DIR            stop the daemons started from DIR
 #
 # Everything lives under DIR: slurm.conf, state, spool, logs, pid files. Clients must see
-# SLURM_CONF=DIR/slurm.conf (printed on success). The node gets every CPU of the machine,
+# SLURM_CONF=DIR/slurm.conf (printed on success). One node is named after this host. With
+# NODES > 1 the nodes are megalm-n1..megalm-nN, one `slurmd -N megalm-nI` each on its own
+# port (Debian's slurmd is built with multiple-slurmd support), all NodeAddr=127.0.0.1:
+# their names do not resolve, so jobs see a real multi-node allocation (SLURM_NODEID,
+# SLURM_STEP_NODELIST=megalm-n[1-2], ...) and megalm takes the master address from the
+# first node's NodeAddr. Every node gets every CPU of the machine (they share it),
 # proctrack/linuxproc and task/none (no cgroups needed, so it runs in containers), and
-# JobRequeue=1 so `#SBATCH --requeue` jobs can be requeued. Exit codes: 0 started,
-# 3 cannot run here (not root, no apt-get, install failed: the reason is on stderr),
-# 1 started but not healthy (logs are printed).
+# JobRequeue=1 so `#SBATCH --requeue` jobs can be requeued.
+# Environment: SLURMCTLD_PORT (6817), SLURMD_PORT (6818; node I listens on SLURMD_PORT+I-1),
+# SLURM_FIRST_JOB_ID (1; job ids derive MASTER_PORT, so two clusters on one machine should
+# start apart). Exit codes: 0 started, 3 cannot run here (not root, no apt-get, install
+# failed: the reason is on stderr), 1 started but not healthy (logs are printed), 2 usage.
 set -euo pipefail
 
-cmd=${1:?usage: $0 start|stop DIR}
-dir=$(realpath -m "${2:?usage: $0 start|stop DIR}")
+usage="usage: $0 start DIR [NODES] | stop DIR"
+cmd=${1:?$usage}
+dir=$(realpath -m "${2:?$usage}")
+nodes=${3:-1}
+[[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "$usage (NODES: a positive integer, not '$nodes')" >&2; exit 2; }
 conf="$dir/slurm.conf"
 
 stop() {
-    for name in slurmd slurmctld munged; do
-        if [[ -f "$dir/$name.pid" ]]; then
-            pid=$(cat "$dir/$name.pid")
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null || true
-            rm -f "$dir/$name.pid"
-        fi
+    local pidfile pid
+    for pidfile in "$dir"/slurmd*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
+        [[ -f $pidfile ]] || continue
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        rm -f "$pidfile"
     done
+}
+
+# NodeName lines and the names of the nodes (one per slurmd).
+node_lines() {
+    local cpus=$1 mem=$2 port=${SLURMD_PORT:-6818} i
+    if ((nodes == 1)); then
+        echo "NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+        return
+    fi
+    for i in $(seq "$nodes"); do
+        echo "NodeName=megalm-n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port + i - 1))" \
+            "CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    done
+}
+
+node_names() {
+    if ((nodes == 1)); then echo "$host"; else seq -f "megalm-n%g" "$nodes"; fi
 }
 
 cant() { echo "local_cluster: $*" >&2; exit 3; }
@@ -46,7 +75,7 @@ start() {
     install
     stop
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc honours OMP_NUM_THREADS
     mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2))
     cat >"$conf" <<EOF
 ClusterName=megalm-local
@@ -66,15 +95,16 @@ SelectTypeParameters=CR_CPU
 SlurmctldPort=${SLURMCTLD_PORT:-6817}
 SlurmdPort=${SLURMD_PORT:-6818}
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/slurmd-%n.log
+FirstJobId=${SLURM_FIRST_JOB_ID:-1}
 KillWait=30
 MinJobAge=600
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+$(node_lines "$cpus" "$mem")
+PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     export SLURM_CONF="$conf"
     # munged: its own socket/pid/log under DIR so a system munged (if any) is left alone.
@@ -90,15 +120,18 @@ EOF
     # Slurm's auth/munge plugin reads the socket path from AuthInfo.
     sed -i "s|^AuthType=auth/munge|AuthType=auth/munge\nAuthInfo=socket=$dir/munge/munge.socket|" "$conf"
     slurmctld -i -f "$conf"
-    slurmd -f "$conf"
+    for name in $(node_names); do
+        mkdir -p "$dir/spool/$name"
+        slurmd -f "$conf" -N "$name"
+    done
     for _ in $(seq 60); do
-        if state=$(sinfo -h -o %T 2>/dev/null) && [[ $state == idle* ]]; then
+        if state=$(sinfo -h -N -o %T 2>/dev/null) && (($(grep -c '^idle' <<<"$state") == nodes)); then
             echo "SLURM_CONF=$conf"
             return 0
         fi
         sleep 0.5
     done
-    echo "local_cluster: slurm did not become idle in 30 s (sinfo: ${state:-none})" >&2
+    echo "local_cluster: $nodes node(s) did not become idle in 30 s (sinfo: ${state:-none})" >&2
     tail -n 20 "$dir"/*.log >&2 || true
     return 1
 }
@@ -106,5 +139,5 @@ EOF
 case $cmd in
 start) start ;;
 stop) stop ;;
-*) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+*) echo "$usage" >&2; exit 2 ;;
 esac

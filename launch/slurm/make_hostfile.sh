@@ -2,12 +2,12 @@
 # Write a DeepSpeed hostfile ("host slots=N" per line) for the current Slurm allocation.
 #
 #   launch/slurm/make_hostfile.sh [OUT] [SLOTS]     (inside sbatch/salloc)
-#   deepspeed --hostfile OUT launch/pretrain.py --config ...
+#   deepspeed --hostfile OUT --launcher slurm --no_ssh_check --master_addr HOST launch/pretrain.py --config ...
 #
 # OUT defaults to hostfile-$SLURM_JOB_ID. SLOTS (processes per node) defaults to the GPUs
-# Slurm gave each node (SLURM_GPUS_ON_NODE), else the tasks per node. DeepSpeed's
-# multi-node launcher still reaches the other nodes with pdsh/ssh; pretrain.sbatch (srun)
-# does not need that.
+# Slurm gave each node (SLURM_GPUS_ON_NODE), else the tasks per node. With --launcher slurm
+# DeepSpeed starts the ranks with srun inside the allocation; its default backend (pdsh)
+# reaches the other nodes with ssh instead. See launch/slurm/README.md.
 set -euo pipefail
 : "${SLURM_JOB_NODELIST:?not inside a Slurm allocation (SLURM_JOB_NODELIST is unset)}"
 out=${1:-hostfile-${SLURM_JOB_ID:-slurm}}

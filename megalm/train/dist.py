@@ -16,9 +16,10 @@ mpirun      OMPI_COMM_WORLD_RANK / PMI_RANK / ...  mpi4py ``COMM_WORLD``; rank 0
                                                    free port, broadcast (DeepSpeed's
                                                    ``mpi_discovery`` recipe)
 srun        SLURM_PROCID inside a step             SLURM_PROCID / SLURM_STEP_NUM_TASKS /
-            (``SLURM_STEP_ID`` set)                SLURM_LOCALID; master = first host of the
-                                                   step (``scontrol show hostnames``), port
-                                                   from the job id
+            (``SLURM_STEP_ID`` set)                SLURM_LOCALID; master = first host of
+                                                   SLURM_STEP_NODELIST (its NodeAddr when
+                                                   the name does not resolve), port from
+                                                   the job id
 python      none of the above                      a world of one on a free local port
 ==========  =====================================  ==========================================
 
@@ -30,6 +31,7 @@ marker without RANK) raise ``LaunchError`` naming the variables.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -155,20 +157,81 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id]
 
 
+def _hostlist_items(nodelist: str) -> list[str]:
+    """Split a hostlist at the commas and spaces outside brackets (``a[1,2],b`` -> ``a[1,2]``, ``b``)."""
+    items, depth, current = [], 0, []
+    for ch in nodelist:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if not 0 <= depth <= 1:
+            raise LaunchError(f"unbalanced brackets in the Slurm node list {nodelist!r}")
+        if depth == 0 and (ch == "," or ch.isspace()):
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth:
+        raise LaunchError(f"unbalanced brackets in the Slurm node list {nodelist!r}")
+    return [item for item in [*items, "".join(current)] if item]
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """``"007-009,012"`` -> ``["007", "008", "009", "012"]``: each range is padded to the width
+    of its low bound, as Slurm does (``9-11`` -> 9, 10, 11; ``01-2`` -> 01, 02)."""
+    out = []
+    for part in ranges.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise LaunchError(f"bad range {part!r} in the Slurm node list {nodelist!r}")
+        low, high = m.group(1), m.group(2) or m.group(1)
+        out += [str(n).zfill(len(low)) for n in range(int(low), int(high) + 1)]
+    return out
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a Slurm hostlist, in the order ``scontrol show hostnames`` prints them.
+
+    Items are separated by commas (or spaces) outside brackets; each bracket holds a list
+    of numbers and ranges, and an item with several brackets is their cartesian product,
+    leftmost slowest: ``node[01-04,07]``, ``gpu[007-010,012],cpu1``, ``a-b[1-2]``,
+    ``rack[1-2]-node[01-02]`` (-> rack1-node01, rack1-node02, rack2-node01, ...).
+
+    Raises:
+        LaunchError: unbalanced brackets, a bad or decreasing range, an empty list.
+    """
+    hosts: list[str] = []
+    for item in _hostlist_items(nodelist):
+        pieces = re.split(r"\[([^\]]*)\]", item)  # text, ranges, text, ranges, ..., text
+        choices = [[text] if i % 2 == 0 else _expand_ranges(text, nodelist) for i, text in enumerate(pieces)]
+        hosts += ["".join(parts) for parts in itertools.product(*choices)]
+    if not hosts:
+        raise LaunchError(f"the Slurm node list {nodelist!r} names no host")
+    return hosts
+
+
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list (``scontrol show hostnames``, else parsed here)."""
+    """The first host of a Slurm node list (``node[01-04,07]`` -> ``node01``), parsed here, so no
+    rank starts a process (``scontrol show hostnames``) to learn it."""
+    return expand_hostlist(nodelist)[0]
+
+
+def reachable_address(host: str) -> str:
+    """``host`` if it resolves, else its Slurm ``NodeAddr`` (``scontrol show node``): node names
+    need not be network names (``NodeName=n1 NodeAddr=10.1.0.7``, or several slurmd daemons on
+    one machine). When neither works ``host`` is returned as it is, and the rendezvous names it.
+    """
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except (OSError, UnicodeError):
+        pass
     try:
         out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
-        )
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
+            ["scontrol", "show", "node", "-o", host], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
-        pass
-    m = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist)  # "gpu[007-010,012],cpu1" -> "gpu007"
-    if not m:
-        raise LaunchError(f"cannot read the first host of SLURM_STEP_NODELIST={nodelist!r}")
-    return m.group(1) + (m.group(2) or "")
+        return host
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else host
 
 
 def _from_env_vars(env: Mapping[str, str], launcher: str) -> RankEnv:
@@ -195,7 +258,7 @@ def _from_env_vars(env: Mapping[str, str], launcher: str) -> RankEnv:
         local_world,
         env.get("MASTER_ADDR", "127.0.0.1"),
         int(env.get("MASTER_PORT", 0)) or _free_port(),
-        f"{launcher}: RANK={rank} WORLD_SIZE={world}",
+        f"{launcher}: WORLD_SIZE={world}",
     )
 
 
@@ -208,7 +271,7 @@ def _from_srun(env: Mapping[str, str]) -> RankEnv:
     if "MASTER_ADDR" in env:
         addr = env["MASTER_ADDR"]
     elif nodelist:
-        addr = first_host(nodelist)
+        addr = reachable_address(first_host(nodelist))
     else:
         raise LaunchError("srun: neither MASTER_ADDR nor SLURM_STEP_NODELIST/SLURM_JOB_NODELIST is set")
     port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 10000 + _int(env, "SLURM_JOB_ID") % 50000
@@ -220,7 +283,7 @@ def _from_srun(env: Mapping[str, str]) -> RankEnv:
         tasks_on_node(per_node, node_id),
         addr,
         port,
-        f"srun: SLURM_PROCID={env['SLURM_PROCID']} {world_var}={world}",
+        f"srun: {world_var}={world}",
     )
 
 

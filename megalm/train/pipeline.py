@@ -19,6 +19,7 @@ implemented (the trainer skips it and says so).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -36,6 +37,8 @@ from megalm.model.gpt import (
     require_vocab,
 )
 from megalm.parallel import ParallelContext
+from megalm.train.engine import build_engine, resolve_dtype
+from megalm.train.step import grad_norm
 
 
 def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,55 @@ def mark_for_grad_norm(module: torch.nn.Module, ctx: ParallelContext) -> None:
             param.model_parallel = False
         elif not getattr(param, "tensor_model_parallel", False):
             param.model_parallel = ctx.tp_rank == 0
+
+
+class MeasuredClipping:
+    """Gradient norm and clipping of a ZeRO-0 fp32 pipeline, done where DeepSpeed would do them.
+
+    DeepSpeed's pipeline engine clips ZeRO-0 fp32 gradients inside ``train_batch`` and
+    drops the norm (only its fp16/bf16/ZeRO optimizers keep one). So for this engine
+    DeepSpeed's clipping is off and this optimizer step pre-hook does both: it runs after
+    the schedule's ``ReduceTiedGrads`` and ``ReduceGrads`` (the gradients are the
+    data-parallel means, tied copies summed) and before the update. The norm is
+    :func:`megalm.train.step.grad_norm`, the plain path's, over this stage's parameters
+    with the pipe x tensor model-parallel group (:func:`mark_for_grad_norm` makes each
+    parameter count once); clipping scales by ``min(1, max_norm / (norm + 1e-6))``,
+    DeepSpeed's ``clip_grad_norm_`` formula (``torch.nn.utils.clip_grads_with_norm_``).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, max_norm: float) -> None:
+        self.params, self.mpu, self.max_norm = params, ctx.as_mpu(), max_norm
+        self.norm: torch.Tensor | None = None  # 0-d fp32, the last step's norm before clipping
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.norm = grad_norm(self.params, self.mpu)
+        if self.max_norm > 0:
+            grads = [p for p in self.params if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, self.norm.to(grads[0].grad.device))
+
+
+def build_pipeline_engine(cfg: Config, module, ctx: ParallelContext, device: torch.device):
+    """The DeepSpeed pipeline engine for ``module``, and the :class:`MeasuredClipping` hook
+    on its optimizer when DeepSpeed would not keep the gradient norm (ZeRO-0, fp32).
+
+    Returns:
+        ``(engine, clipping or None)``.
+    """
+    if cfg.zero.stage != 0 or resolve_dtype(cfg, device) != "fp32":
+        return build_engine(cfg, module, ctx.dp, device), None
+    unclipped = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_clip=0.0))
+    engine = build_engine(unclipped, module, ctx.dp, device)
+    clipping = MeasuredClipping(list(module.parameters()), ctx, cfg.optim.grad_clip)
+    engine.optimizer.register_step_pre_hook(clipping)
+    return engine, clipping
+
+
+def pipeline_grad_norm(engine, clipping: MeasuredClipping | None) -> torch.Tensor | None:
+    """The last step's global gradient norm before clipping (0-d fp32), ``None`` if unknown."""
+    if clipping is not None:
+        return clipping.norm
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
 
 def describe_partition(module, ctx: ParallelContext) -> list[str]:

@@ -27,14 +27,22 @@ def grad_norm(params, mpu=None) -> torch.Tensor:
     """Global L2 norm of the gradients of a model split over TP (DeepSpeed's convention), as a
     0-d fp32 tensor on the gradients' device (no host read).
 
-    TP-sharded tensors count on every rank, replicated ones on TP rank 0 only, and the
-    squares are summed over the model-parallel group.
+    A parameter counts where it is model-parallel (``tensor_model_parallel``: a TP shard;
+    ``model_parallel``: set by :func:`megalm.train.pipeline.mark_for_grad_norm` on the one
+    TP rank of each pipeline stage that counts the stage's replicated tensors) and on
+    model-parallel rank 0; the squares are summed over the model-parallel group (tp, or
+    pipe x tensor under PP). This is DeepSpeed's rule (``is_model_parallel_parameter``).
     """
     grads = [
         p.grad.detach()
         for p in params
         if p.grad is not None
-        and (mpu is None or getattr(p, "tensor_model_parallel", False) or mpu.get_model_parallel_rank() == 0)
+        and (
+            mpu is None
+            or getattr(p, "tensor_model_parallel", False)
+            or getattr(p, "model_parallel", False)
+            or mpu.get_model_parallel_rank() == 0
+        )
     ]
     if grads:
         sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()

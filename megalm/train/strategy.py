@@ -25,7 +25,13 @@ from megalm.model import GPT
 from megalm.parallel import ParallelContext
 from megalm.train.dist import DistInfo
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
-from megalm.train.pipeline import build_pipeline, pipeline_eval_loss, pipeline_train_step
+from megalm.train.pipeline import (
+    build_pipeline,
+    build_pipeline_engine,
+    pipeline_eval_loss,
+    pipeline_grad_norm,
+    pipeline_train_step,
+)
 from megalm.train.step import PhaseTimer, engine_step
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -93,14 +99,13 @@ class PipelineStep:
     def __init__(self, cfg: Config, ctx: ParallelContext, info: DistInfo) -> None:
         self.cfg, self.ctx, self.device = cfg, ctx, info.device
         self.module = build_pipeline(cfg, ctx, init_seed=cfg.run.seed)
-        self.engine = build_engine(cfg, self.module, ctx.dp, info.device)
+        self.engine, self.clipping = build_pipeline_engine(cfg, self.module, ctx, info.device)
         self.accum = gradient_accumulation(cfg, ctx.dp)
         self.logits = None
 
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput:
         loss = pipeline_train_step(self.engine, micro_batches)
-        gnorm = self.engine.get_global_grad_norm()
-        gnorm = None if gnorm is None else torch.as_tensor(gnorm, dtype=torch.float32)
+        gnorm = pipeline_grad_norm(self.engine, self.clipping)
         return StepOutput(torch.as_tensor(loss, dtype=torch.float32), gnorm)
 
     @torch.no_grad()
