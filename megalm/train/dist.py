@@ -377,12 +377,14 @@ def init_distributed(cfg: Config, ranks: RankEnv | None = None) -> DistInfo:
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            timeout=timedelta(seconds=cfg.dist.timeout_s),
-        )
+        if ranks.world_size == 1:
+            # A world of one needs no rendezvous: an in-memory store, so no TCP port to race
+            # other jobs for (MASTER_PORT is then only a label).
+            store = torch_dist.HashStore()
+            torch_dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return DistInfo(
         torch_dist.get_rank(),
         torch_dist.get_world_size(),
