@@ -104,7 +104,7 @@ def _profile(models, batch, passes: int, top: int) -> dict[str, list[dict[str, A
 
 def compare(m: ModelConfig, cfg: Config, steps: int, warmup: int, profile_passes: int, top: int) -> dict:
     """Time ``steps`` alternating steps per side after ``warmup`` untimed ones."""
-    from megalm.model import flops_per_token
+    from megalm.perf.flops import model_flops_per_token
     from megalm.train.optim import make_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +138,7 @@ def compare(m: ModelConfig, cfg: Config, steps: int, warmup: int, profile_passes
         "profile_passes": profile_passes,
         "median_step_s": med,
         "tokens_per_s": {s: tokens / med[s] for s in SIDES},
-        "tflops": {s: tokens * flops_per_token(m) / med[s] / 1e12 for s in SIDES},
+        "tflops": {s: tokens * model_flops_per_token(m) / med[s] / 1e12 for s in SIDES},
         "speed_ratio_megalm_over_transformers": med["transformers"] / med["megalm"],
         "max_loss_rel_diff": max(
             abs(a - b) / abs(b) for a, b in zip(losses["megalm"], losses["transformers"], strict=True)

@@ -14,7 +14,6 @@ from data_tools.train_tokenizer import EOS, PAD
 from megalm.checkpoint.hf import HFError, export_hf, from_hf, import_hf, load_safetensors_dir, to_hf
 from megalm.config import ModelConfig
 from megalm.model import GPT
-from megalm.model.gpt import padded_vocab_size
 
 # (family, n_kv_heads, tie_embeddings): GQA for both families (gpt2 exports its K/V heads
 # repeated, GPT2LMHeadModel has no GQA), each family with its non-default tying too.
@@ -109,7 +108,7 @@ def test_export_then_import_restores_config_and_weights(tokenizer_path, tmp_path
     imported, sd, tok = import_hf(tmp_path)
     assert dataclasses.replace(imported, vocab_multiple=96, kernels="torch") == cfg
     assert tok == tmp_path / "tokenizer.json"
-    V, Vp = cfg.vocab_size, padded_vocab_size(imported)
+    V, Vp = cfg.vocab_size, imported.padded_vocab()
     original = model.state_dict()
     assert set(sd) == set(original)
     for name, t in sd.items():
@@ -166,7 +165,7 @@ def test_import_then_export_is_byte_identical(tokenizer_path, tmp_path, family, 
     src = hf_native_dir(tmp_path / "hf", tokenizer_path, family, dtype)
     cfg, sd, tok = import_hf(src)
     assert cfg.family == family and tok is not None
-    assert sd["embed.tok_emb.weight"].size(0) == padded_vocab_size(cfg)
+    assert sd["embed.tok_emb.weight"].size(0) == cfg.padded_vocab()
     export_hf(sd, cfg, tok, tmp_path / "out")
     a, b = load_safetensors_dir(src), load_safetensors_dir(tmp_path / "out")
     assert sorted(a) == sorted(b)

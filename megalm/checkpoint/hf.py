@@ -24,7 +24,7 @@ sides group query head ``h`` with K/V head ``h // (n_heads / n_kv_heads)`` (``re
 ``GPT2LMHeadModel`` has no GQA: a gpt2 model with ``n_kv_heads < n_heads`` is exported with its
 K/V heads repeated to ``n_heads`` (the same function; it imports back as multi-head attention).
 
-The vocabulary padding of megalm (``padded_vocab_size``) is sliced off on export and
+The vocabulary padding of megalm (``ModelConfig.padded_vocab``) is sliced off on export and
 re-added as zero rows on import. ``transformers``, ``safetensors`` and ``huggingface_hub``
 are imported lazily (the ``megalm[hf]`` extra).
 """
@@ -40,8 +40,6 @@ import torch
 
 from data_tools.train_tokenizer import EOS, PAD
 from megalm.config import ModelConfig
-from megalm.model.gpt import padded_vocab_size, ties_embeddings, validate_model_config
-from megalm.model.layers import ffn_hidden_size
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 GPT2_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both are gelu(x, approximate="tanh")
@@ -102,7 +100,7 @@ def _plan(cfg: ModelConfig) -> list[tuple[str, str, str]]:
         plan += [(f"blocks.{i}.{m}", f"{layers}.{i}.{h}", how) for m, (h, how) in block.items()]
     norm = ["weight"] if llama else ["weight", "bias"]
     plan += [(f"final_norm.norm.{p}", pre + ("norm." if llama else "ln_f.") + p, "copy") for p in norm]
-    if not ties_embeddings(cfg):
+    if not cfg.tied:
         plan.append(("head.proj.weight", "lm_head.weight", "vocab"))
     return plan
 
@@ -138,12 +136,12 @@ def _expand_kv(w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The ``LlamaConfig`` / ``GPT2Config`` arguments describing megalm model ``cfg``."""
-    tied = ties_embeddings(cfg)
+    tied = cfg.tied
     if cfg.family == "llama":
         return {
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model,
-            "intermediate_size": ffn_hidden_size(cfg),
+            "intermediate_size": cfg.ffn_size,
             "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
@@ -164,7 +162,7 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         "n_embd": cfg.d_model,
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
-        "n_inner": ffn_hidden_size(cfg),
+        "n_inner": cfg.ffn_size,
         "activation_function": GPT2_ACTIVATIONS[0],
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
@@ -195,7 +193,8 @@ def to_hf(
     """
     if cfg.family not in ARCHITECTURES:
         raise HFError(f"model.family={cfg.family} has no transformers equivalent; export llama or gpt2")
-    validate_model_config(cfg)
+    if cfg.vocab_size <= 0:
+        raise HFError("model.vocab_size must be > 0 to export (it is filled in from the tokenizer)")
     plan = _plan(cfg)
     fused = [] if cfg.family == "llama" else [f for i in range(cfg.n_layers) for f in _qkv_names(i)]
     _check_keys(set(state_dict), {m for m, _, _ in plan} | {n for f in fused for n in f[0]}, "state dict")
@@ -302,8 +301,8 @@ def _with_family_defaults(cfg: ModelConfig) -> ModelConfig:
     default = dataclasses.replace(cfg, ffn_hidden=0, tie_embeddings=None)
     return dataclasses.replace(
         cfg,
-        ffn_hidden=0 if ffn_hidden_size(default) == cfg.ffn_hidden else cfg.ffn_hidden,
-        tie_embeddings=None if ties_embeddings(default) == cfg.tie_embeddings else cfg.tie_embeddings,
+        ffn_hidden=0 if default.ffn_size == cfg.ffn_hidden else cfg.ffn_hidden,
+        tie_embeddings=None if default.tied == cfg.tie_embeddings else cfg.tie_embeddings,
     )
 
 
@@ -315,13 +314,12 @@ def from_hf(
     Args:
         config: a ``transformers.PretrainedConfig`` or its ``config.json`` dict.
         hf_state_dict: the checkpoint's tensors (``transformer.`` prefix optional for GPT-2).
-        tp: pad the vocabulary rows with zeros to ``padded_vocab_size(cfg, tp)``.
+        tp: pad the vocabulary rows with zeros to ``cfg.padded_vocab(tp)``.
     """
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     family = _family(c)
-    cfg = _with_family_defaults(_llama_model_config(c) if family == "llama" else _gpt2_model_config(c))
-    try:
-        validate_model_config(cfg)
+    try:  # ModelConfig checks its own shape (megalm/config/schema.py)
+        cfg = _with_family_defaults(_llama_model_config(c) if family == "llama" else _gpt2_model_config(c))
     except ValueError as e:
         raise HFError(f"the HF config converts to an invalid megalm model: {e}") from e
     state = hf_state_dict
@@ -332,9 +330,9 @@ def from_hf(
         }
     plan = _plan(cfg)
     fused = [] if family == "llama" else [f for i in range(cfg.n_layers) for f in _qkv_names(i)]
-    tied_head = {"lm_head.weight"} if ties_embeddings(cfg) else set()
+    tied_head = {"lm_head.weight"} if cfg.tied else set()
     _check_keys(set(state), {h for _, h, _ in plan} | {h for _, h in fused}, "HF state dict", tied_head)
-    Vp = padded_vocab_size(cfg, tp)
+    Vp = cfg.padded_vocab(tp)
     sd: dict[str, torch.Tensor] = {}
     for m, h, how in plan:
         t = state[h]
@@ -431,7 +429,7 @@ def load_safetensors_dir(hf_dir: Path) -> dict[str, torch.Tensor]:
 def import_hf(hf_dir: str | Path, tp: int = 1) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None]:
     """A local HF directory -> (``ModelConfig``, full megalm state dict, its ``tokenizer.json`` or None).
 
-    The vocabulary rows are zero-padded to ``padded_vocab_size(cfg, tp)``; tensors keep the
+    The vocabulary rows are zero-padded to ``cfg.padded_vocab(tp)``; tensors keep the
     checkpoint's dtype. Needs ``safetensors``, not ``transformers``.
     """
     d = Path(hf_dir)
