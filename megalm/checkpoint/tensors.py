@@ -53,7 +53,9 @@ def pieces_bytes(pieces: dict[str, Piece]) -> bytes:
         k: {"box": [list(b) for b in box], "shape": list(shape), "vocab_dim": vdim}
         for k, (_, box, shape, vdim) in pieces.items()
     }
-    return save({k: t.contiguous() for k, (t, _, _, _) in pieces.items()}, metadata={"megalm": json.dumps(index)})
+    return save(
+        {k: t.contiguous() for k, (t, _, _, _) in pieces.items()}, metadata={"megalm": json.dumps(index)}
+    )
 
 
 def _volume(box: Box) -> int:
@@ -134,3 +136,10 @@ def load_full_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         return {key: index.full(key) for key in sorted(index.keys())}
     finally:
         index.close()
+
+
+def resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its first dimension cut or zero-padded to ``rows`` (vocabulary padding)."""
+    if t.size(0) >= rows:
+        return t[:rows].clone()
+    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])])

@@ -266,7 +266,9 @@ class Checkpointer:
             self._log(f"saved {tag_dir} in {time.perf_counter() - t0:.2f}s")
         else:
             self.pending = BackgroundSave(tag_dir.name, work)
-            self._log(f"saving {tag_dir} in the background ({time.perf_counter() - t0:.2f}s to copy the state)")
+            self._log(
+                f"saving {tag_dir} in the background ({time.perf_counter() - t0:.2f}s to copy the state)"
+            )
         return time.perf_counter() - t0
 
     def finish(self) -> None:

@@ -258,7 +258,9 @@ def engine_counters(engine) -> dict[str, Any]:
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if scaler is not None:
         counters["loss_scaler"] = {
-            k: v for k, v in vars(scaler).items() if isinstance(v, (int, float, bool)) and not k.startswith("_")
+            k: v
+            for k, v in vars(scaler).items()
+            if isinstance(v, (int, float, bool)) and not k.startswith("_")
         }
     return counters
 
@@ -271,4 +273,3 @@ def set_engine_counters(engine, counters: dict[str, Any]) -> None:
     if scaler is not None:
         for k, v in counters.get("loss_scaler", {}).items():
             setattr(scaler, k, v)
-
