@@ -82,9 +82,8 @@ def inspect(path: str, config: str | None, overrides: list[str]) -> int:
     lay, m = meta.get("layout") or {}, meta["config"]["model"]
     sizes = tag_bytes(tag)
     print(f"checkpoint  {tag}{'' if (tag / COMPLETE).is_file() else ' (no COMPLETE marker)'}")
-    print(
-        f"step        {meta['step']} (tokens seen {meta.get('tokens', 0):,}; AdamW step {meta.get('optimizer_step')})"
-    )
+    tokens, adam = meta.get("tokens", 0), meta.get("optimizer_step")
+    print(f"step        {meta['step']} (tokens seen {tokens:,}; AdamW step {adam})")
     print(
         f"layout      tp={lay.get('tp')} pp={lay.get('pp')} dp={lay.get('dp')} zero={lay.get('zero')} "
         f"({meta.get('world_size', 1)} ranks; loads onto any layout)"

@@ -122,7 +122,8 @@ class BackgroundSave:
         if self.thread.is_alive():
             raise CheckpointError(
                 f"the background save of {self.tag} is still writing after {timeout_s:.0f}s "
-                "(training.save_timeout_s); check the file system of run.dir, the previous checkpoint stays latest"
+                "(training.save_timeout_s); check the file system of run.dir; the previous checkpoint "
+                "stays latest"
             )
         if self.error is not None:
             raise self.error

@@ -148,8 +148,8 @@ class Checkpointer:
                 return self._load(path)
             if not auto:
                 raise CheckpointError(
-                    f"{problem}; pass another tag with training.resume=PATH, or training.resume=auto to resume "
-                    "from the newest tag that verifies"
+                    f"{problem}; pass another tag with training.resume=PATH, or training.resume=auto "
+                    "to resume from the newest tag that verifies"
                 )
             if not t.resume_fallback:
                 raise CheckpointError(
@@ -160,8 +160,8 @@ class Checkpointer:
             self._log(f"checkpoint | skipped {path.name}: {problem}; {then}")
         if candidates:
             raise CheckpointError(
-                f"no checkpoint in '{self.dir}' verifies (see the skipped tags above); restore their files or "
-                "start fresh with training.resume=never"
+                f"no checkpoint in '{self.dir}' verifies (see the skipped tags above); restore their "
+                "files or start fresh with training.resume=never"
             )
         return 0
 
@@ -282,7 +282,8 @@ class Checkpointer:
         """Collective: this rank's files of tag ``step``, as bytes producers over host copies."""
         c = self.ctx
         model, optim = gather_pieces(self.engine, self.params, self.writers, c.dp_rank, with_moments=True)
-        files: dict[str, Any] = {f"rng/rank_{self.rank:05d}.pt": (lambda b=rng_bytes(): b)}
+        rng = rng_bytes()
+        files: dict[str, Any] = {f"rng/rank_{self.rank:05d}.pt": lambda: rng}
         for kind, pieces in ((MODEL, model), (OPTIM, optim)):
             if pieces:
                 files[shard_file(kind, c.tp_rank, c.pp_rank, c.dp_rank)] = lambda p=pieces: pieces_bytes(p)

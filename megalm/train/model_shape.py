@@ -48,7 +48,7 @@ def shape_problem(path: Path, meta: dict[str, Any], saved: TensorIndex, cfg: Con
     saved_model = meta.get("config", {}).get("model", {})
     saved_vocab = int(saved_model.get("vocab_size", cfg.model.vocab_size))
     want = expected_tensors(cfg.model)
-    have = {k: _logical(saved.shapes[k], saved.vocab_dims.get(k), saved_vocab) for k in saved.keys()}
+    have = {k: _logical(saved.shapes[k], saved.vocab_dims.get(k), saved_vocab) for k in saved.shapes}
     missing = sorted(k for k in want if k not in have)
     extra = sorted(k for k in have if k not in want)
     differ = [
