@@ -281,6 +281,7 @@ class Checkpointer:
     def _files(self, step: int) -> dict[str, Any]:
         """Collective: this rank's files of tag ``step``, as bytes producers over host copies."""
         c = self.ctx
+        prepare_optimizer_state(self.engine)  # DeepSpeed's views of the moments, for every group
         model, optim = gather_pieces(self.engine, self.params, self.writers, c.dp_rank, with_moments=True)
         rng = rng_bytes()
         files: dict[str, Any] = {f"rng/rank_{self.rank:05d}.pt": lambda: rng}

@@ -189,7 +189,9 @@ def set_optimizer_step(engine, step: int) -> None:
 
 
 def _wrapped(p: nn.Parameter) -> bool:
-    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+    """Managed by a DeepSpeed optimizer (its ``_hp_mapping`` is ``None`` where this rank's
+    partition holds no part of it, but the gather is still collective)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def read_full(engine, p: nn.Parameter, key: str | None) -> torch.Tensor:
