@@ -159,3 +159,15 @@ def test_another_model_shape_names_the_tensors_and_keys_that_differ(tmp_path):
     assert "embed.tok_emb.weight (100, 32) saved vs (90, 32) here" in shape_problem(
         tmp_path, meta, index, fewer_vocab
     )
+
+
+def test_cli_resolves_a_run_dir_a_checkpoints_dir_its_latest_file_or_a_tag(tmp_path):
+    from megalm.checkpoint.cli import resolve_tag
+
+    ckpt = tmp_path / "checkpoints"
+    _tag_with_two_files(ckpt / "step_00000002")
+    publish(ckpt / "step_00000002", 2, keep=0, timeout_s=10)
+    for path in (tmp_path, ckpt, ckpt / "latest", ckpt / "step_00000002"):
+        assert resolve_tag(path) == ckpt / "step_00000002"
+    with pytest.raises(CheckpointError, match="is not a megalm checkpoint"):
+        resolve_tag(tmp_path / "nope")
