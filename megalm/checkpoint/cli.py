@@ -1,6 +1,6 @@
 """``python -m megalm.checkpoint inspect|export|import``: read a checkpoint without training.
 
-- ``inspect PATH [--config X.yaml overrides...]``: layout, step, tokens seen, sizes,
+- ``inspect PATH [--config X.yaml [key=value ...]]``: layout, step, tokens seen, sizes,
   verification status, and the config keys that differ from ``X.yaml`` (exit 1 when a
   file does not match the manifest).
 - ``export --checkpoint PATH --out DIR [--format hf|torch]``: the model as a Hugging Face
@@ -210,8 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="layout, step, sizes, verification, config diff")
     i.add_argument("path")
-    i.add_argument("--config", help="compare with this YAML config (plus overrides)")
-    i.add_argument("overrides", nargs="*", help="section.key=value applied to --config")
+    i.add_argument(
+        "--config", nargs="+", metavar="ARG", help="compare with this YAML config and section.key=value overrides"
+    )
     e = sub.add_parser("export", help="a tag -> Hugging Face directory (or torch state dict)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True)
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "inspect":
-            return inspect(args.path, args.config, args.overrides)
+            config = args.config or [None]
+            return inspect(args.path, config[0], config[1:])
         if args.command == "export":
             return export(args.checkpoint, args.out, args.format, args.tokenizer)
         return import_(args.hf, args.out)

@@ -6,7 +6,7 @@ a tag that says it is complete always says what it should hold. Loading checks e
 file against it (:func:`verify_tag`), split over the ranks that load: a truncated,
 corrupted or missing file is named in one line, before any byte of it is used.
 
-No torch here: ``python -m megalm.checkpoint inspect`` and the writer thread use it too.
+``python -m megalm.checkpoint inspect`` and the writer thread use it too.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def tag_bytes(tag_dir: Path) -> dict[str, int]:
     """Bytes per kind of file in a tag's manifest (``model``, ``optim``, ``rng``, ``meta``...)."""
     sizes: dict[str, int] = {}
     for name, entry in read_manifest(tag_dir).items():
-        kind = Path(name).name.split("_")[0].split(".")[0]
+        parts = Path(name).parts
+        kind = parts[0] if len(parts) > 1 else parts[0].split("_")[0].split(".")[0]
         sizes[kind] = sizes.get(kind, 0) + int(entry["size"])
     return sizes
