@@ -162,6 +162,7 @@ def import_(hf_dir: str, out: str) -> int:
 
     from megalm.checkpoint.hf import import_hf
     from megalm.checkpoint.tensors import MODEL, full_box, pieces_bytes, shard_file
+    from megalm.config import ModelConfig
     from megalm.train.model_shape import expected_tensors
 
     model_cfg, state, tok = import_hf(hf_dir, tp=1)
@@ -193,10 +194,11 @@ def import_(hf_dir: str, out: str) -> int:
         files["tokenizer.json"] = lambda: Path(tok).read_bytes()
     write_rank_files(tag, 0, files)
     publish(tag, 1, keep=0, timeout_s=60)
+    default, shape = ModelConfig(), ("family", "vocab_size", "n_layers", "d_model", "n_heads")
     overrides = " ".join(
         f"model.{k}={v}"
         for k, v in dataclasses.asdict(model_cfg).items()
-        if k not in ("kernels", "vocab_multiple")
+        if v is not None and (k in shape or v != getattr(default, k))
     )
     print(f"imported {hf_dir} as {tag}")
     print(f"continue pretraining with: {overrides} run.dir={out} training.resume=auto")
@@ -211,7 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="layout, step, sizes, verification, config diff")
     i.add_argument("path")
     i.add_argument(
-        "--config", nargs="+", metavar="ARG", help="compare with this YAML config and section.key=value overrides"
+        "--config",
+        nargs="+",
+        metavar="ARG",
+        help="compare with this YAML config and section.key=value overrides",
     )
     e = sub.add_parser("export", help="a tag -> Hugging Face directory (or torch state dict)")
     e.add_argument("--checkpoint", required=True)
