@@ -152,9 +152,7 @@ def test_export_torch_state_dict_from_zero3_replaces_zero_to_fp32(saved_zero3, t
 def test_export_hf_and_import_from_a_zero3_run(saved_zero3, shards_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     proc = _cli("export", "--checkpoint", saved_zero3 / "checkpoints" / TAG, "--out", tmp_path / "hf4")
-    hf4 = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf4", dtype=torch.float32
-    ).eval()
+    hf4 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf4", dtype=torch.float32).eval()
     mine, logged = _batch_loss(saved_zero3, lambda x: hf4(x).logits), step_losses(saved_zero3)[5]
     print(f"exported HF loss {mine:.7f} vs logged {logged:.7f}")
     assert abs(mine - logged) / logged < 1e-5

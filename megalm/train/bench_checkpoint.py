@@ -38,7 +38,7 @@ def measure_saves(cfg: Config, repeats: int = 3) -> dict[str, Any]:
         ckpt.finish()
         times["async_published"].append(time.perf_counter() - t0)
     sync, block = statistics.median(times["sync_blocked"]), statistics.median(times["async_blocked"])
-    m = cfg.model
+    m = trainer.cfg.model
     return {
         "model": f"{m.family} L={m.n_layers} d={m.d_model} V={m.vocab_size}",
         "params": sum(p.numel() for p in trainer.engine.module.parameters()),

@@ -124,6 +124,7 @@ class Checkpointer:
         self.params = local_params(engine.module, ctx.tp_rank, cfg.model.n_layers, cfg.parallel.pp > 1)
         self.writers = assign_writers(self.params, ctx.dp)
         self.pending: BackgroundSave | None = None
+        self.staging: dict[str, torch.Tensor] = {}  # host copies of the state, reused by every save
 
     def _log(self, msg: str) -> None:
         if self.rank == 0:
@@ -282,7 +283,7 @@ class Checkpointer:
         """Collective: this rank's files of tag ``step``, as bytes producers over host copies."""
         c = self.ctx
         prepare_optimizer_state(self.engine)  # DeepSpeed's views of the moments, for every group
-        model, optim = gather_pieces(self.engine, self.params, self.writers, c.dp_rank, with_moments=True)
+        model, optim = gather_pieces(self.engine, self.params, self.writers, c.dp_rank, self.staging)
         rng = rng_bytes()
         files: dict[str, Any] = {f"rng/rank_{self.rank:05d}.pt": lambda: rng}
         for kind, pieces in ((MODEL, model), (OPTIM, optim)):
