@@ -121,7 +121,7 @@ def test_inspect_names_layout_step_sizes_verification_and_config_diff(saved_zero
     out = proc.stdout
     print(out)
     assert f"checkpoint  {saved_zero3 / 'checkpoints' / 'step_00000008'}" in out
-    assert "step        8 (tokens seen 32,768; AdamW step 8)" in out
+    assert "step        8 (tokens seen 4,096; AdamW step 8)" in out
     assert "layout      tp=1 pp=1 dp=2 zero=3 (2 ranks; loads onto any layout)" in out
     assert "verified    yes: every file matches manifest.json" in out
     assert "model.d_model: 64 -> 192" in out and "zero.stage" not in out
