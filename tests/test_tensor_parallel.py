@@ -282,26 +282,3 @@ def test_counted_layer_communication_equals_korthikanti_formula():
     assert (
         measured[True]["all_gather"] == measured[True]["reduce_scatter"] == measured[False]["all_reduce"] // 2
     )
-
-
-def test_layout_check_names_saved_and_current_layouts(tmp_path):
-    from megalm.train.checkpoint import LayoutMismatchError, check_layout
-
-    saved = {"tp": 1, "pp": 1, "dp": 1, "zero": 0}
-    with pytest.raises(LayoutMismatchError, match=r"saved with tp=1 pp=1 dp=1 zero=0 but this run has tp=2"):
-        check_layout(tmp_path, saved, {"tp": 2, "pp": 1, "dp": 1, "zero": 0})
-    check_layout(tmp_path, saved, {"tp": 1, "pp": 1, "dp": 4, "zero": 0})  # ZeRO-0 may change dp
-    with pytest.raises(LayoutMismatchError, match="resume with the same tp, pp, zero, dp"):
-        check_layout(tmp_path, {**saved, "zero": 1}, {"tp": 1, "pp": 1, "dp": 2, "zero": 1})
-
-
-@pytest.mark.slow
-def test_resume_under_another_layout_is_one_line_error(shards_dir, tmp_path):
-    first = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 2}))
-    assert first.returncode == 0, first.stderr[-2000:]
-    proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 4, "zero.stage": 1}))
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "was saved with tp=1 pp=1 dp=1 zero=0 but this run has" in lines[0], (
-        proc.stderr
-    )

@@ -93,7 +93,7 @@ def test_interrupted_save_leaves_latest_loadable(reference_run, shards_dir, tmp_
     shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
     partial = tmp_path / "checkpoints" / "step_00000030"
     partial.mkdir()
-    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (partial / "model_tp00_pp00_dp000.safetensors").write_bytes(b"truncated")
     proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 21}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step_00000020" in proc.stdout

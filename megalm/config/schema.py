@@ -162,11 +162,14 @@ class TrainingConfig:
     global_batch: int = 16
     micro_batch: int = 8
     resume: str = "auto"  # auto | never | path to a checkpoint tag directory
+    resume_fallback: bool = True  # auto: a newest tag that fails verification -> the newest that verifies
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8
     save_interval: int = 100
     keep_checkpoints: int = 2
+    async_save: bool = False  # copy the state to host memory, write the files in a background thread
+    save_timeout_s: float = 600.0  # bound on waiting for a save (in flight, or every rank's files)
     sample_tokens: int = 64
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
@@ -177,6 +180,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _positive("training", self, "max_steps", "global_batch", "micro_batch", "log_interval")
         _positive("training", self, "eval_interval", "eval_batches", "save_interval", "recompute_interval")
+        _positive("training", self, "save_timeout_s")
         _non_negative("training", self, "keep_checkpoints", "sample_tokens", "sample_top_k")
         _non_negative("training", self, "sample_temperature")
 

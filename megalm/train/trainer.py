@@ -83,7 +83,7 @@ class Trainer:
             for line in describe_partition(self.strategy.module, self.ctx):
                 self._log0(f"pipe   | {line}")
         layout_meta = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": cfg.zero.stage}
-        self.checkpointer = Checkpointer(cfg, self.engine, self.batches, layout_meta)
+        self.checkpointer = Checkpointer(cfg, self.engine, self.batches, layout_meta, self.ctx)
         self.log: MetricsLog | None = None
 
     def _log0(self, msg: str) -> None:
@@ -129,6 +129,7 @@ class Trainer:
                 self.checkpointer.maybe_save(step, last)
             result.step = step
             if not last and self.preempt.should_stop():  # collective: same step on every rank
+                self.checkpointer.finish()
                 self._close()
                 raise SystemExit(self.preempt.stop(step, self.checkpointer.save, self.checkpointer.due(step)))
         self.preempt.close()
