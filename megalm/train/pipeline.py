@@ -19,12 +19,15 @@ implemented (the trainer skips it and says so).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from megalm.config import Config
 from megalm.model.gpt import (
@@ -38,7 +41,7 @@ from megalm.model.gpt import (
 )
 from megalm.parallel import ParallelContext
 from megalm.train.engine import build_engine, resolve_dtype
-from megalm.train.step import grad_norm
+from megalm.train.step import PhaseTimer, grad_norm
 
 
 def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +169,78 @@ def describe_partition(module, ctx: ParallelContext) -> list[str]:
     ]
 
 
-def pipeline_train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss."""
-    return float(engine.train_batch(data_iter=iter(micro_batches)))
+class _HookedPhase:
+    """A phase of ``timer`` opened in one hook and closed in another (both idempotent)."""
+
+    def __init__(self, timer: PhaseTimer, name: str) -> None:
+        self.timer, self.name, self.entered = timer, name, None
+
+    def open(self, *_) -> None:
+        if self.entered is None:
+            self.entered = self.timer.phase(self.name)
+            self.entered.__enter__()
+
+    def close(self, *_) -> None:
+        if self.entered is not None:
+            entered, self.entered = self.entered, None
+            entered.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def timed_phases(module: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
+    """Report this stage's ``forward``, ``backward`` and ``optimizer`` phases to ``timer``.
+
+    The 1F1B schedule runs inside ``engine.train_batch``, so the phases open and close in
+    hooks: forward around the stage module (forward pre-hook to forward hook) and, on the
+    last stage, around its ``loss_fn`` (wrapped while the context is open); backward from
+    the arrival of the gradient of the stage output or loss (a tensor hook) until every
+    parameter of the stage has its gradient (``register_multi_grad_hook``); optimizer
+    around the ``torch.optim`` update (global step hooks; DeepSpeed's gradient clipping
+    before it is in no phase). Sends, receives and gradient reductions are in no phase.
+    """
+    fwd, bwd, opt = (_HookedPhase(timer, name) for name in ("forward", "backward", "optimizer"))
+
+    def forward_done(_module, _args, out) -> None:
+        fwd.close()
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(lambda _grad: bwd.open())
+
+    loss_fn = module.loss_fn
+
+    def timed_loss(outputs, labels):
+        fwd.open()
+        loss = loss_fn(outputs, labels)
+        forward_done(None, None, loss)
+        return loss
+
+    handles = [
+        module.register_forward_pre_hook(fwd.open),
+        module.register_forward_hook(forward_done),
+        torch.autograd.graph.register_multi_grad_hook(
+            [p for p in module.parameters() if p.requires_grad], bwd.close, mode="all"
+        ),
+        register_optimizer_step_pre_hook(opt.open),
+        register_optimizer_step_post_hook(opt.close),
+    ]
+    module.loss_fn = timed_loss if loss_fn is not None else None
+    try:
+        yield
+    finally:
+        module.loss_fn = loss_fn
+        for handle in handles:
+            handle.remove()
+
+
+def pipeline_train_step(
+    engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], timer: PhaseTimer | None = None
+) -> float:
+    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss.
+
+    ``timer`` (optional) gets the stage's phases through :func:`timed_phases`.
+    """
+    with timed_phases(engine.module, timer) if timer is not None else contextlib.nullcontext():
+        return float(engine.train_batch(data_iter=iter(micro_batches)))
 
 
 def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int) -> float:

@@ -8,8 +8,9 @@ questions for the trainer, so the trainer never asks "is this pipelined?":
 - ``eval_loss(micro_batches)``: mean held-out loss over every rank's windows;
 - ``logits``: a ``tokens -> logits`` function for sampling, or ``None``.
 
-``timer`` is the timing hook the benchmark uses (``megalm/perf``): the plain step
-reports ``forward``, ``backward`` and ``optimizer`` phases through it.
+``timer`` is the timing hook the benchmark uses (``megalm/perf``): both steps
+report ``forward``, ``backward`` and ``optimizer`` phases through it (the pipelined
+one from torch hooks, :func:`megalm.train.pipeline.timed_phases`).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class PipelineStep:
         self.logits = None
 
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput:
-        loss = pipeline_train_step(self.engine, micro_batches)
+        loss = pipeline_train_step(self.engine, micro_batches, timer)
         gnorm = pipeline_grad_norm(self.engine, self.clipping)
         return StepOutput(torch.as_tensor(loss, dtype=torch.float32), gnorm)
 
