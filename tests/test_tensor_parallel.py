@@ -263,7 +263,7 @@ def test_world_size_mismatch_is_one_line_error_before_any_process_group(shards_d
 
 
 def _layer_bytes(rank: int, world: int) -> dict[bool, dict[str, int]]:
-    from megalm.parallel.comm_report import measure_layer_bytes
+    from megalm.perf.comm import measure_layer_bytes
 
     ctx = ParallelContext(ParallelDims.from_world(world, tp=world))
     cfg = ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=4, seq_len=16)
@@ -272,7 +272,7 @@ def _layer_bytes(rank: int, world: int) -> dict[bool, dict[str, int]]:
 
 @pytest.mark.slow
 def test_counted_layer_communication_equals_korthikanti_formula():
-    from megalm.parallel.comm_report import analytic_layer_bytes
+    from megalm.perf.comm import analytic_layer_bytes
 
     measured = run_distributed(2, _layer_bytes)[0]
     for sp in (False, True):
