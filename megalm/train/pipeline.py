@@ -195,8 +195,10 @@ def timed_phases(module: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
     last stage, around its ``loss_fn`` (wrapped while the context is open); backward from
     the arrival of the gradient of the stage output or loss (a tensor hook) until every
     parameter of the stage has its gradient (``register_multi_grad_hook``); optimizer
-    around the ``torch.optim`` update (global step hooks; DeepSpeed's gradient clipping
-    before it is in no phase). Sends, receives and gradient reductions are in no phase.
+    around the ``torch.optim`` step (global step hooks, which run outside the optimizer's
+    own hooks, so :class:`MeasuredClipping` counts; clipping inside DeepSpeed's mixed
+    precision or ZeRO optimizers before that step does not). Sends, receives and
+    gradient reductions are in no phase.
     """
     fwd, bwd, opt = (_HookedPhase(timer, name) for name in ("forward", "backward", "optimizer"))
 
