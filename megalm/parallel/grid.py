@@ -118,7 +118,7 @@ class ParallelContext:
         return self.dims.dp
 
     def as_mpu(self) -> _DeepSpeedMPU:
-        """The ``mpu`` object ``deepspeed.initialize`` expects (data/model-parallel groups)."""
+        """The ``mpu`` object DeepSpeed's ``initialize`` expects (data/model-parallel groups)."""
         return _DeepSpeedMPU(self)
 
 
