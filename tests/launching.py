@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from megalm.train.metrics import read_metrics
-from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env
+from tests.conftest import PYTHON, ROOT, VENV_BIN, scaled_timeout, subprocess_env
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 
@@ -18,13 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_env() -> dict[str, str]:
+    """:func:`subprocess_env` with CUDA hidden: distributed tests run on gloo/CPU even on a GPU
+    machine (two ranks cannot share its one GPU, and the golden curves are CPU fp32 numbers)."""
+    return subprocess_env() | {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_pretrain(
-    overrides: list[str], launcher: str = "python", nproc: int = 1
+    overrides: list[str], launcher: str = "python", nproc: int = 1, cuda: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run ``launch/pretrain.py`` with ``configs/tiny.yaml`` plus ``overrides``.
+    """Run ``launch/pretrain.py`` with ``configs/tiny.yaml`` plus ``overrides``, on CPU unless ``cuda``.
 
     A non-zero exit fails the test for the multi-process launchers; plain python
-    returns the process so tests can check error exits.
+    returns the process so tests can check error exits. The timeout is 600 s times
+    ``MEGALM_TEST_TIMEOUT_FACTOR``.
     """
     port = str(free_port())
     script = [str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
@@ -36,7 +43,8 @@ def run_pretrain(
         cmd = [str(VENV_BIN / "mpiexec"), "-n", str(nproc), PYTHON, *script]
     else:
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, *script]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
+    env = subprocess_env() if cuda else cpu_env()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=scaled_timeout(600))
     assert proc.returncode == 0 or launcher == "python", proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
