@@ -30,6 +30,7 @@ SCRIPT = ROOT / "launch" / "slurm" / "local_cluster.sh"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 # The script asks for 2 nodes x 8 GPUs x 12 CPUs; the local node has neither.
 LOCAL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
+JOB_STEPS = 30  # past the golden curve's 20, so both jobs are compared with all of it
 CHANGES_THE_MACHINE = (
     "this fixture installs slurm-wlm and munge with apt-get (as root) when they are missing and "
     "starts munged, slurmctld and slurmd on this machine (stopped at teardown)"
@@ -133,9 +134,9 @@ def test_hostfile_from_the_allocation(slurm_env, tmp_path):
 
 @pytest.fixture(scope="module")
 def straight_and_preempted(slurm_env, golden_data, tmp_path_factory) -> tuple[Path, Path, str, float]:
-    """Two 2-task sbatch jobs of the golden config, 60 steps; the second gets SIGUSR1 mid-run."""
+    """Two 2-task sbatch jobs of the golden config, 30 steps; the second gets SIGUSR1 mid-run."""
     straight, preempted = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("preempted")
-    extra = {"training.max_steps": 60, "training.sample_tokens": 0}
+    extra = {"training.max_steps": JOB_STEPS, "training.sample_tokens": 0}
     job_a = submit(slurm_env, straight, golden_run_overrides(straight, golden_data, **extra))
     job_b = submit(slurm_env, preempted, golden_run_overrides(preempted, golden_data, **extra))
     deadline = time.monotonic() + scaled_timeout(300)
@@ -163,8 +164,8 @@ def test_sbatch_two_tasks_trains_and_checkpoints(straight_and_preempted):
     out = (straight / "slurm.out").read_text()
     assert "launcher srun | rank 0/2" in out and "launcher srun | rank 1/2" in out
     assert "srun exited with 0" in out
-    assert sorted(losses(straight)) == list(range(1, 61))
-    assert find_latest(straight / "checkpoints").name == "step_00000060"
+    assert sorted(losses(straight)) == list(range(1, JOB_STEPS + 1))
+    assert find_latest(straight / "checkpoints").name == f"step_{JOB_STEPS:08d}"
     assert_matches_golden(straight, "llama")  # srun's 2 tasks are dp=2: steps 1-20 within 1e-5
 
 
@@ -173,14 +174,15 @@ def test_sigusr1_checkpoints_requeues_and_resumes_to_equal_losses(straight_and_p
     out = (preempted / "slurm.out").read_text()  # --open-mode=append: both runs' output
     assert "(restart 0)" in out and "(restart 1)" in out
     stopped = int(out.split("stopping after step ")[1].split(",")[0])
-    assert 3 <= stopped < 60
+    assert 3 <= stopped < JOB_STEPS
     assert f"preempt | saved step {stopped}" in out or f"step {stopped} is already saved" in out
     assert f"preempt | requeued Slurm job {job}" in out
     assert f"resumed from {preempted}/checkpoints/step_{stopped:08d} at step {stopped}" in out
     assert f"exiting with code {EXIT_PREEMPTED}" in out
     a, b = losses(straight), losses(preempted)
-    assert sorted(b) == list(range(1, 61))
-    assert [b[s] for s in range(stopped + 1, 61)] == [a[s] for s in range(stopped + 1, 61)]  # bitwise
+    after = range(stopped + 1, JOB_STEPS + 1)
+    assert sorted(b) == list(range(1, JOB_STEPS + 1))
+    assert [b[s] for s in after] == [a[s] for s in after]  # bitwise
     assert_matches_golden(preempted, "llama")  # and the absolute numbers, across the resume if before 20
-    assert find_latest(preempted / "checkpoints").name == "step_00000060"
+    assert find_latest(preempted / "checkpoints").name == f"step_{JOB_STEPS:08d}"
     assert os.path.getsize(preempted / "metrics.jsonl") > 0
