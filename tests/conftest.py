@@ -23,6 +23,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 VENV_BIN = Path(sys.executable).parent
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for launching ``launch/*.py`` and ``deepspeed``/``torchrun`` in tests."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # DeepSpeed JIT-builds its CPU shared-memory comm op; a cache per venv is built once,
+    # while a cache shared with other venvs (other flags) is rebuilt at every start.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 TIMEOUT_FACTOR_ENV = "MEGALM_TEST_TIMEOUT_FACTOR"
 
 
@@ -58,20 +74,6 @@ def pytest_configure(config: pytest.Config) -> None:
         ini = config.getini("timeout")
         if ini:
             config.option.timeout = float(ini) * timeout_factor()
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for launching ``launch/*.py`` and ``deepspeed``/``torchrun`` in tests."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # DeepSpeed JIT-builds its CPU shared-memory comm op; a cache per venv is built once,
-    # while a cache shared with other venvs (other flags) is rebuilt at every start.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(scope="session")
