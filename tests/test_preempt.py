@@ -151,7 +151,7 @@ from megalm.train.preempt import Preemption
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 p = Preemption(PreemptConfig(grace_s=1.0, requeue=False))
 os.kill(os.getpid(), signal.SIGUSR1)
-assert p.should_stop()
+assert p.local_flag() == 1.0 and p.agree(True)
 p.stop(7, lambda step: time.sleep(60), already_saved=False)
 print("not reached")
 """

@@ -169,17 +169,33 @@ class Checkpointer:
     def __init__(self, cfg: Config, engine, batches, layout: dict[str, int]) -> None:
         self.cfg, self.engine, self.batches, self.layout = cfg, engine, batches, layout
         self.dir = Path(cfg.run.dir) / "checkpoints"
+        self.extra: dict[str, Any] = {}  # more metadata saved with every tag (e.g. health counters)
+        self.meta: dict[str, Any] = {}  # the metadata of the tag last loaded
 
     def resume(self) -> int:
         """Restore per ``training.resume`` (``auto``, ``never`` or a tag path); returns the step."""
         how = self.cfg.training.resume
         if how == "never":
             return 0
-        path = find_latest(self.dir) if how == "auto" else Path(how)
-        if path is None:
-            return 0
+        if how == "auto":
+            return self.load_latest() or 0
+        return self._load(Path(how))
+
+    def load_latest(self) -> int | None:
+        """Collective: restore the newest complete tag (``resume=auto``, and a health rollback);
+        returns its step, ``None`` when there is none."""
+        path = find_latest(self.dir)
+        return None if path is None else self._load(path)
+
+    def latest_tag(self) -> str | None:
+        """The name of the tag :meth:`load_latest` would restore, or ``None``."""
+        path = find_latest(self.dir)
+        return None if path is None else path.name
+
+    def _load(self, path: Path) -> int:
         meta = load_checkpoint(self.engine, path, self.layout)
         self.batches.load_state_dict(meta["data"])
+        self.meta = meta
         if dist.get_rank() == 0:
             print(f"resumed from {path} at step {meta['step']}", flush=True)
         return int(meta["step"])
@@ -201,6 +217,7 @@ class Checkpointer:
             "world_size": dist.get_world_size(),
             "layout": self.layout,
             "config": to_dict(self.cfg),
+            **self.extra,
         }
         t0 = time.perf_counter()
         path = save_checkpoint(self.engine, self.dir, step, meta, self.cfg.training.keep_checkpoints)
