@@ -29,6 +29,7 @@ from megalm.train.engine import check_precision, gradient_accumulation, resolve_
 from megalm.train.evaluation import Evaluator, sample_text
 from megalm.train.health import Health, NonFiniteError, Verdict, state_is_finite
 from megalm.train.metrics import MetricsLog
+from megalm.train.optim import apply_configured_lr
 from megalm.train.pipeline import bubble_fraction, describe_partition
 from megalm.train.plot import plot_loss
 from megalm.train.preempt import Preemption
@@ -164,6 +165,7 @@ class Trainer:
         start = self.checkpointer.resume()
         if self.checkpointer.meta:
             self.health.load_state_dict(self.checkpointer.meta.get("health", {}))
+            apply_configured_lr(self.engine.lr_scheduler, cfg.optim)
         self._open_run_dir(start)
         self.extra = {
             "pipeline_bubble": bubble_fraction(cfg.parallel.pp, self.accum),
@@ -245,15 +247,16 @@ class Trainer:
     def _stop_message(self, step: int, v: Verdict) -> str:
         latest = self.checkpointer.latest_tag()
         where = (
-            f"the last checkpoint {latest} in {self.checkpointer.dir} is finite"
+            f"the newest checkpoint, {latest} in {self.checkpointer.dir}, holds finite weights"
             if latest
             else "no checkpoint was written yet"
         )
         key = "on_nonfinite" if v.nonfinite else "on_spike"
         return (
             f"step {step} not applied: {v.reason} (training.{key}={getattr(self.cfg.training, key)}); "
-            f"{where}: lower optim.lr, raise optim.warmup_steps or use precision.dtype=fp32, "
-            "then resume with training.resume=auto"
+            f"{where}: lower optim.lr (it applies on resume), raise optim.warmup_steps or use "
+            "precision.dtype=fp32, then resume with training.resume=auto (or from an older tag: "
+            "training.resume=<tag directory>)"
         )
 
     def _rollback(self, step: int) -> int:
