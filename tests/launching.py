@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from megalm.train.metrics import read_metrics
@@ -52,3 +53,38 @@ def assert_losses_equal(a: dict[int, float], b: dict[int, float], steps: range, 
     worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
     print(f"max relative loss difference over steps {steps.start}-{steps.stop - 1}: {worst:.2e}")
     assert worst <= rel, f"max relative loss difference {worst:.2e} > {rel:.0e}"
+
+
+def start_ranks(overrides: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """``world`` ranks of launch/pretrain.py, wired by hand like any env:// launcher (no
+    launcher that kills the survivors, so each rank's own exit code can be checked)."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = subprocess_env() | {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        cmd = [PYTHON, str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, float]]:
+    """(exit code, output, seconds until exit) per rank; kills what outlives ``timeout``."""
+    t0, out = time.monotonic(), []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        out.append((p.returncode, text, time.monotonic() - t0))
+    return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,38 +19,11 @@ import pytest
 
 from megalm.train.checkpoint import find_latest
 from megalm.train.metrics import read_metrics
-from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.conftest import PYTHON, subprocess_env, tiny_overrides
+from tests.launching import finish, free_port, start_ranks
 
 pytestmark = pytest.mark.slow
-CONFIG = str(ROOT / "configs" / "tiny.yaml")
 EXIT_PREEMPTED = 75
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ranks(overrides: list[str], world: int = 2) -> list[subprocess.Popen]:
-    """``world`` ranks of launch/pretrain.py, wired by hand like any env:// launcher."""
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = subprocess_env() | {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        cmd = [PYTHON, str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    return procs
 
 
 def last_step(run_dir: Path) -> int:
@@ -69,19 +41,6 @@ def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeo
                 pytest.fail(f"a rank exited ({p.returncode}) before step {step}:\n{out[-3000:]}")
         assert time.monotonic() < deadline, f"no step {step} in {timeout}s"
         time.sleep(0.05)
-
-
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, float]]:
-    """(exit code, output, seconds until exit) per rank; kills what outlives ``timeout``."""
-    t0, out = time.monotonic(), []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            text, _ = p.communicate()
-        out.append((p.returncode, text, time.monotonic() - t0))
-    return out
 
 
 def test_signal_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(shards_dir, tmp_path):

@@ -227,15 +227,17 @@ class Health:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite_loss, nonfinite_grads, signal, loss = flags.tolist()  # the one host read per step
         stop_signal = self.preempt.agree(signal > 0)
+        known = loss > float("-inf")  # -inf: no rank had a finite loss (non-finite, or none yet)
         if nonfinite_loss or nonfinite_grads:
             what = "loss" if nonfinite_loss else "gradients"
-            return self._not_applied(f"non-finite {what}", self.t.on_nonfinite, float("nan"), stop_signal)
-        spike = self.spikes.check(loss) if loss > float("-inf") else ""
+            value = loss if known and not nonfinite_loss else float("nan")
+            return self._not_applied(f"non-finite {what}", self.t.on_nonfinite, value, stop_signal)
+        spike = self.spikes.check(loss) if known else ""
         if spike:
             return self._not_applied(spike, self.t.on_spike, loss, stop_signal)
-        if loss > float("-inf"):
+        if known:
             self.spikes.add(loss)
-        return Verdict("step", "", loss, stop_signal)
+        return Verdict("step", "", loss if known else float("nan"), stop_signal)
 
     def _not_applied(self, reason: str, policy: str, loss: float, stop_signal: bool) -> Verdict:
         self.skipped += 1
