@@ -20,10 +20,11 @@ not answer, its host (rank 0's, or torchrun's agent) is the one gone.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 STORE_PREFIX = "megalm/failed"
+WAIT_S = 5.0  # how long survivors of a failed collective wait for each other's "I am here"
 
 
 class StepClock:
@@ -40,8 +42,8 @@ class StepClock:
     last of each step (the last one's backward waits for the gradient reduction).
     """
 
-    def __init__(self, accum: int) -> None:
-        self.accum = accum
+    def __init__(self, accum: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.accum, self.clock = accum, clock
         self.busy = 0.0
         self.steps = 0
         self._backwards = 0
@@ -49,9 +51,9 @@ class StepClock:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         yield
-        dt = time.perf_counter() - t0
+        dt = self.clock() - t0
         if name == "forward":
             self.busy += dt
             self._phased = True
@@ -132,7 +134,7 @@ def describe_missing(missing: list[int] | None, hosts: list[str]) -> str:
             "or the ranks called collectives in different orders"
         )
     who = ", ".join(name(r) for r in missing)
-    return f"{who} did not answer: dead or hung (look at its log and its host)"
+    return f"{who} did not answer within {WAIT_S:g}s: dead or hung (look at its log and its host)"
 
 
 def is_comm_failure(e: BaseException) -> bool:
@@ -144,7 +146,7 @@ def is_comm_failure(e: BaseException) -> bool:
 
 def describe_comm_failure(e: BaseException, where: str, dims, hosts: list[str]) -> str:
     """The error line after a failed collective: which of this rank's groups lost which rank on
-    which host (:func:`missing_ranks`, waiting up to 10 s), and the backend's own first line.
+    which host (:func:`missing_ranks`, waiting up to ``WAIT_S``), and the backend's own first line.
 
     Args:
         where: what the trainer was doing ("training step 13 (dist.timeout_s=20)").
@@ -152,7 +154,7 @@ def describe_comm_failure(e: BaseException, where: str, dims, hosts: list[str]) 
         hosts: every rank's host (:func:`gather_hosts`).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    missing = missing_ranks(rank, world, wait_s=10.0)
+    missing = missing_ranks(rank, world, wait_s=WAIT_S)
     groups = {
         "tensor-parallel": dims.tp_groups(),
         "data-parallel": dims.dp_groups(),
@@ -165,7 +167,10 @@ def describe_comm_failure(e: BaseException, where: str, dims, hosts: list[str]) 
         if rank in g and any(m in g for m in missing or []) and len(g) > 1
     ]
     group = ", ".join(shared) or f"the world group (ranks 0..{world - 1})"
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\.cc:\d+\] ", "", first).split(". This is typically")[0][
+        :300
+    ]  # gloo's source path
     return (
         f"rank {rank}: a collective of {where} failed in {group}: {first}; {describe_missing(missing, hosts)}"
     )
