@@ -20,8 +20,8 @@ import pytest
 
 from megalm.train.checkpoint import find_latest
 from megalm.train.metrics import read_metrics
-from tests.conftest import PYTHON, subprocess_env, tiny_overrides
-from tests.launching import finish, free_port, start_ranks
+from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.launching import CONFIG, finish, free_port, start_ranks
 
 pytestmark = pytest.mark.slow
 EXIT_PREEMPTED = 75
@@ -139,3 +139,29 @@ def test_watchdog_abandons_a_save_that_outlives_the_grace_budget():
     assert "save still running after the 1.0s grace budget" in proc.stderr
     assert "not reached" not in proc.stdout
     assert elapsed < 30
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _torchrun(overrides: list[str]) -> subprocess.Popen:
+    cmd = [PYTHON, str(ROOT / "launch" / "torchrun.py"), "--nproc_per_node", "2", "--master_port"]
+    cmd += [str(free_port()), str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_torchrun_wrapper_exits_75_after_a_preemption_and_2_on_a_bad_config(shards_dir, tmp_path):
+    """torchrun exits 1 whenever a worker fails; launch/torchrun.py passes the ranks' common code on."""
+    bad = _torchrun([f"run.dir={tmp_path / 'bad'}", "model.d_model=0"])
+    out, _ = bad.communicate(timeout=300)
+    assert bad.returncode == 2 and "torchrun: every failed rank exited 2; exiting 2" in out, out[-3000:]
+    proc = _torchrun(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 200}))
+    wait_for_step(tmp_path, 3, [proc])
+    os.kill(_children(proc.pid)[1], signal.SIGUSR1)  # one worker is told
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert "torchrun: every failed rank exited 75; exiting 75" in out
+    print(f"launch/torchrun.py exited {proc.returncode} after SIGUSR1 to one worker (torchrun alone: 1)")
