@@ -261,3 +261,26 @@ def test_fp16_on_a_device_deepspeed_cannot_run_it_is_one_error_line(tmp_path):
     )
     assert "dist   |" not in proc.stdout  # before any process group
     print(lines[0])
+
+
+@pytest.mark.slow
+def test_loss_spike_rolls_back_to_the_newest_tag_and_skips_the_batches_since(shards_dir, tmp_path):
+    """10 good steps (tag 10), then ``optim.lr=0.5`` on resume: the loss spikes above 1.5 x its
+    running median, the run reloads tag 10 and goes on after the offending batches; the second
+    spike exceeds ``training.max_skipped_steps=1`` and stops (exit 2), tag 10 still latest."""
+    proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 10}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spiky = {"optim.lr": 0.5, "training.spike_factor": 1.5, "training.spike_window": 3}
+    spiky |= {"training.on_spike": "rollback", "training.max_skipped_steps": 1, "training.max_steps": 20}
+    proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **spiky))
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rolled = [line for line in proc.stdout.splitlines() if line.startswith("health | rolled back")]
+    assert len(rolled) == 1 and rolled[0].startswith("health | rolled back to step 10; the batches of steps")
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "loss spike" in error and "exceed training.max_skipped_steps=1" in error, error
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    events = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "event" in r]
+    assert [e["event"] for e in events] == ["rollback", "stop"]
+    assert events[0]["rollbacks"] == 0 and events[-1]["skipped_steps"] == 2
+    print(rolled[0])
+    print(error)

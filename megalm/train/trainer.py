@@ -267,6 +267,7 @@ class Trainer:
             self._log0(f"health | no checkpoint to roll back to: step {step} is skipped instead")
             return step
         self.batches.load_state_dict(position)
+        apply_configured_lr(self.engine.lr_scheduler, self.cfg.optim)
         self.health.rollbacks += 1
         self._log0(
             f"health | rolled back to step {restored}; the batches of steps {restored + 1}..{step} skipped"
@@ -338,5 +339,19 @@ class Trainer:
 
 
 def pretrain(cfg: Config) -> TrainResult:
-    """Train ``cfg`` to ``training.max_steps``; the entry point behind ``launch/pretrain.py``."""
-    return Trainer(cfg).run()
+    """Train ``cfg`` to ``training.max_steps``; the entry point behind ``launch/pretrain.py``.
+
+    The process group is torn down however the run ends (an error after start-up otherwise
+    may leave the backend's threads to abort the interpreter at exit: "terminate called
+    without an active exception", SIGABRT), except after a failed collective, where
+    tearing down could wait on the dead peer.
+    """
+    broken = False
+    try:
+        return Trainer(cfg).run()
+    except CollectiveError:
+        broken = True
+        raise
+    finally:
+        if dist.is_initialized() and not broken:
+            dist.destroy_process_group()
