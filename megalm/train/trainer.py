@@ -206,7 +206,8 @@ class Trainer:
             result.step = step
             if not last and verdict.stop_signal:  # agreed in the step's health all-reduce
                 self._close()
-                raise SystemExit(self.preempt.stop(step, self._save, self.checkpointer.due(step)))
+                saved = self.checkpointer.due(step, last) and not verdict.nonfinite
+                raise SystemExit(self.preempt.stop(step, self._save, saved))
         self.preempt.close()
         if evaluator.last_step != result.step:
             evaluator.run(result.step)
