@@ -241,7 +241,9 @@ def test_lr_1e6_never_writes_a_nonfinite_tag_stop_exits_2_and_resume_goes_on_ski
     assert skips and all(r["reason"].startswith("non-finite") for r in skips)
     train = [r for r in records if "loss" in r]
     assert train[-1]["step"] == stopped + 3 and train[-1]["skipped_steps"] == skips[-1]["skipped_steps"]
-    assert all(r["rank_work_s_max"] >= r["rank_work_s_median"] > 0 and "stragglers" in r for r in train)
+    timed = [r for r in train if r["rank_work_s_median"] is not None]  # not the first interval of a run
+    assert timed and all(r["rank_work_s_max"] >= r["rank_work_s_median"] > 0 for r in timed)
+    assert all(isinstance(r["stragglers"], list) for r in train)
     assert set(_finite_tags(tmp_path)) >= set(tags)
     for tag in _finite_tags(tmp_path):  # a tag is written only after an applied step
         assert int(tag.split("_")[1]) not in {r["step"] for r in skips}

@@ -103,6 +103,7 @@ class Trainer:
         self.strategy = build_strategy(cfg, self.ctx, info, self.health)
         self.engine = self.strategy.engine
         self.clock = StepClock(self.accum)
+        self._clock_warm = False
         self.phase = "start-up"
         if cfg.parallel.pp > 1:
             for line in describe_partition(self.strategy.module, self.ctx):
@@ -170,6 +171,9 @@ class Trainer:
         self.extra = {
             "pipeline_bubble": bubble_fraction(cfg.parallel.pp, self.accum),
             "skipped_steps": self.health.skipped,
+            "rank_work_s_median": None,  # from the second log interval on (see _log_stragglers)
+            "rank_work_s_max": None,
+            "stragglers": [],
         }
         progress = Progress(cfg, self.info.device, self.info.world_size, self.log, self.extra, start)
         if self.log is not None:
@@ -278,6 +282,10 @@ class Trainer:
     def _log_stragglers(self, progress: Progress, step: int, last: bool) -> None:
         """Collective at log steps: name ranks whose own work per step exceeds the median's factor."""
         if not progress.due(step, last):
+            return
+        if not self._clock_warm:  # the first interval after a start holds one-off work (allocation, caches)
+            self._clock_warm = True
+            self.clock.take()
             return
         factor = self.cfg.dist.straggler_factor
         times = gather_step_times(self.clock.take(), self.info.device)
