@@ -25,41 +25,13 @@ import pytest
 from megalm.train.checkpoint import find_latest
 from megalm.train.metrics import read_metrics
 from tests.conftest import PYTHON, ROOT, scaled_timeout, tiny_overrides
-from tests.launching import cpu_env
+from tests.launching import CONFIG, cpu_env, finish, free_port, start_ranks
 
 pytestmark = pytest.mark.slow
-CONFIG = str(ROOT / "configs" / "tiny.yaml")
 EXIT_PREEMPTED = 75
 # The bound the hang test asserts: after dist.timeout_s a rank whose peer died or hung has
 # exited within this many more seconds (process teardown), times the timeout factor.
 HANG_EXIT_SLACK_S = 15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ranks(overrides: list[str], world: int = 2) -> list[subprocess.Popen]:
-    """``world`` ranks of launch/pretrain.py, wired by hand like any env:// launcher."""
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = cpu_env() | {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        cmd = [PYTHON, str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    return procs
 
 
 def last_step(run_dir: Path) -> int:
@@ -79,20 +51,6 @@ def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeo
                 pytest.fail(f"a rank exited ({p.returncode}) before step {step}:\n{out[-3000:]}")
         assert time.monotonic() < deadline, f"no step {step} in {timeout}s"
         time.sleep(0.05)
-
-
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, float]]:
-    """(exit code, output, seconds until exit) per rank; kills what outlives ``timeout`` (not scaled
-    here: callers pass :func:`scaled_timeout` of theirs)."""
-    t0, out = time.monotonic(), []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            text, _ = p.communicate()
-        out.append((p.returncode, text, time.monotonic() - t0))
-    return out
 
 
 def in_order(text: str, *events: str) -> bool:
@@ -166,8 +124,16 @@ def test_dead_or_hung_rank_ends_the_job_within_the_timeout(shards_dir, tmp_path,
     elapsed = time.monotonic() - t0
     procs[1].kill()
     procs[1].communicate()
-    assert code not in (0, None, -signal.SIGKILL), out[-3000:]
+    assert code == 1, out[-3000:]
     assert elapsed < bound, f"rank 0 took {elapsed:.1f}s to exit after the peer's {how} (bound {bound:.0f}s)"
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0: a collective of training step"), out[
+        -3000:
+    ]
+    assert f"(dist.timeout_s={timeout_s}) failed in the data-parallel group [0, 1]: " in errors[0]
+    missing = f"rank 1 (host {socket.gethostname()}) did not answer within 5s: dead or hung"
+    assert errors[0].endswith(f"{missing} (look at its log and its host)")
+    print(errors[0])
     assert last_step(tmp_path) < 400
     print(f"{how} on rank 1 -> rank 0 exited {code} after {elapsed:.1f}s (dist.timeout_s={timeout_s})")
     if how == "SIGKILL":  # the last good checkpoint still loads and training goes on from it
@@ -189,7 +155,7 @@ from megalm.train.preempt import Preemption
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 p = Preemption(PreemptConfig(grace_s=2.0, requeue=False))
 os.kill(os.getpid(), signal.SIGUSR1)
-assert p.should_stop()
+assert p.local_flag() == 1.0 and p.agree(True)
 p.stop(7, lambda step: time.sleep(3600), already_saved=False)
 print("not reached")
 """
@@ -214,3 +180,29 @@ def test_watchdog_abandons_a_save_that_outlives_the_grace_budget():
         rf"preempt \| exiting with code {EXIT_PREEMPTED}",
     ), proc.stdout
     assert "not reached" not in proc.stdout and "saved step 7" not in proc.stdout
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _torchrun(overrides: list[str]) -> subprocess.Popen:
+    cmd = [PYTHON, str(ROOT / "launch" / "torchrun.py"), "--nproc_per_node", "2", "--master_port"]
+    cmd += [str(free_port()), str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_torchrun_wrapper_exits_75_after_a_preemption_and_2_on_a_bad_config(shards_dir, tmp_path):
+    """torchrun exits 1 whenever a worker fails; launch/torchrun.py passes the ranks' common code on."""
+    bad = _torchrun([f"run.dir={tmp_path / 'bad'}", "model.d_model=0"])
+    out, _ = bad.communicate(timeout=scaled_timeout(300))
+    assert bad.returncode == 2 and "torchrun: every failed rank exited 2; exiting 2" in out, out[-3000:]
+    proc = _torchrun(tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 200}))
+    wait_for_step(tmp_path, 3, [proc])
+    os.kill(_children(proc.pid)[1], signal.SIGUSR1)  # one worker is told
+    out, _ = proc.communicate(timeout=scaled_timeout(300))
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert "torchrun: every failed rank exited 75; exiting 75" in out
+    print(f"launch/torchrun.py exited {proc.returncode} after SIGUSR1 to one worker (torchrun alone: 1)")

@@ -126,9 +126,12 @@ def test_indivisible_batch_is_one_line_error(golden_data, tmp_path):
 
 
 def test_diverging_loss_stops_with_a_clear_error(golden_data, tmp_path):
+    """Under ``training.on_nonfinite=stop`` (the default ``skip``: tests/test_health.py)."""
     overrides = golden_run_overrides(
-        tmp_path, golden_data, **{"optim.lr": 1e6, "optim.warmup_steps": 1, "optim.grad_clip": 0.0}
+        tmp_path,
+        golden_data,
+        **{"optim.lr": 1e6, "optim.warmup_steps": 1, "optim.grad_clip": 0.0, "training.on_nonfinite": "stop"},
     )
     line = _one_line_error(run_pretrain(overrides))
-    assert line.startswith("error: loss is nan at step") or line.startswith("error: loss is inf at step")
+    assert line.startswith("error: step ") and "not applied: non-finite" in line
     assert "lower optim.lr" in line and "training.resume=auto" in line

@@ -176,13 +176,24 @@ class TrainingConfig:
     sample_top_k: int = 20
     recompute: Literal["none", "full"] = "none"  # activation checkpointing of transformer blocks
     recompute_interval: int = 1  # keep the input of every N blocks, recompute the rest
+    # Numerical health (megalm/train/health.py), decided before each optimizer step.
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss or gradient
+    max_skipped_steps: int = 20  # skipped steps (non-finite or spikes) allowed in a run, then stop
+    spike_factor: float = 0.0  # a loss above factor x the running median is a spike (0: off)
+    spike_window: int = 50  # applied steps in the running median
+    on_spike: Literal["skip", "stop", "rollback"] = "skip"
 
     def __post_init__(self) -> None:
         _positive("training", self, "max_steps", "global_batch", "micro_batch", "log_interval")
         _positive("training", self, "eval_interval", "eval_batches", "save_interval", "recompute_interval")
         _positive("training", self, "save_timeout_s")
         _non_negative("training", self, "keep_checkpoints", "sample_tokens", "sample_top_k")
-        _non_negative("training", self, "sample_temperature")
+        _non_negative("training", self, "sample_temperature", "max_skipped_steps")
+        _positive("training", self, "spike_window")
+        require(
+            self.spike_factor == 0 or self.spike_factor > 1,
+            f"training.spike_factor must be 0 (off) or > 1, got {self.spike_factor}",
+        )
 
 
 @dataclass
@@ -240,9 +251,14 @@ class DistConfig:
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: int = 600
+    straggler_factor: float = 1.5  # a rank slower than factor x the median step time is named (0: off)
 
     def __post_init__(self) -> None:
         _positive("dist", self, "timeout_s")
+        require(
+            self.straggler_factor == 0 or self.straggler_factor > 1,
+            f"dist.straggler_factor must be 0 (off) or > 1, got {self.straggler_factor}",
+        )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from megalm.model import GPT
 from megalm.parallel import ParallelContext
 from megalm.train.dist import DistInfo
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
+from megalm.train.health import Health
 from megalm.train.pipeline import (
     build_pipeline,
     build_pipeline_engine,
@@ -57,9 +58,11 @@ class Strategy(Protocol):
 class PlainStep:
     """pp = 1: :class:`megalm.model.GPT` (TP/SP layers inside) in a DeepSpeed engine."""
 
-    def __init__(self, cfg: Config, ctx: ParallelContext, info: DistInfo) -> None:
+    def __init__(
+        self, cfg: Config, ctx: ParallelContext, info: DistInfo, health: Health | None = None
+    ) -> None:
         p, t = cfg.parallel, cfg.training
-        self.cfg, self.ctx, self.device = cfg, ctx, info.device
+        self.cfg, self.ctx, self.device, self.health = cfg, ctx, info.device, health
         model = GPT(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed)
         if t.recompute == "full":
             model.set_recompute(t.recompute_interval)
@@ -68,16 +71,27 @@ class PlainStep:
         # ZeRO-0 fp32: DeepSpeed clips but does not keep the norm; measure it before the step.
         self.measure_grad_norm = cfg.zero.stage == 0 and resolve_dtype(cfg, info.device) == "fp32"
         self.logits = self._logits
+        if health is not None:
+            health.install(self.engine)
 
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput:
-        loss, gnorm = engine_step(
-            self.engine, micro_batches, self.device, self.measure_grad_norm, self.mpu, timer
+        mean: list[torch.Tensor] = []
+
+        def before_step(loss: torch.Tensor, gnorm: torch.Tensor | None) -> None:
+            # The data-parallel mean loss is known before the optimizer step, so the health
+            # check can judge it (the same one all-reduce as after the step, moved earlier).
+            loss = loss.float().clone()
+            if self.ctx.dp > 1:
+                dist.all_reduce(loss, group=self.ctx.dp_group)
+                loss /= self.ctx.dp
+            mean.append(loss)
+            if self.health is not None:
+                self.health.set_pending(loss, gnorm)
+
+        _, gnorm = engine_step(
+            self.engine, micro_batches, self.device, self.measure_grad_norm, self.mpu, timer, before_step
         )
-        loss = loss.detach().float().clone()
-        if self.ctx.dp > 1:
-            dist.all_reduce(loss, group=self.ctx.dp_group)
-            loss /= self.ctx.dp
-        return StepOutput(loss, gnorm)
+        return StepOutput(mean[0], gnorm)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: MicroBatches) -> float:
@@ -97,12 +111,16 @@ class PlainStep:
 class PipelineStep:
     """pp > 1: the same components as a DeepSpeed ``PipelineModule`` (1F1B schedule)."""
 
-    def __init__(self, cfg: Config, ctx: ParallelContext, info: DistInfo) -> None:
+    def __init__(
+        self, cfg: Config, ctx: ParallelContext, info: DistInfo, health: Health | None = None
+    ) -> None:
         self.cfg, self.ctx, self.device = cfg, ctx, info.device
         self.module = build_pipeline(cfg, ctx, init_seed=cfg.run.seed)
         self.engine, self.clipping = build_pipeline_engine(cfg, self.module, ctx, info.device)
         self.accum = gradient_accumulation(cfg, ctx.dp)
         self.logits = None
+        if health is not None:  # checks inside train_batch, at the engine's optimizer step
+            health.install(self.engine, pipeline=True)
 
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput:
         loss = pipeline_train_step(self.engine, micro_batches, timer)
@@ -114,6 +132,12 @@ class PipelineStep:
         return pipeline_eval_loss(self.engine, micro_batches, self.accum)
 
 
-def build_strategy(cfg: Config, ctx: ParallelContext, info: DistInfo) -> Strategy:
-    """The step strategy of this run, chosen once: pipelined when ``parallel.pp > 1``."""
-    return PipelineStep(cfg, ctx, info) if cfg.parallel.pp > 1 else PlainStep(cfg, ctx, info)
+def build_strategy(
+    cfg: Config, ctx: ParallelContext, info: DistInfo, health: Health | None = None
+) -> Strategy:
+    """The step strategy of this run, chosen once: pipelined when ``parallel.pp > 1``.
+
+    ``health``: checks every optimizer step before it is applied (hooked into the engine).
+    """
+    step = PipelineStep if cfg.parallel.pp > 1 else PlainStep
+    return step(cfg, ctx, info, health)
