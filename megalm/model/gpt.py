@@ -118,8 +118,9 @@ class Embedding(nn.Module):
         return dropout(x, self.cfg.dropout, self.training, self.sp_group)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp)."""
-        return F.linear(x, self.tok_emb.weight)
+        """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp), or
+        (B, T, V) at tp = 1 (:func:`head_rows`)."""
+        return F.linear(x, head_rows(self.tok_emb.weight, self.cfg, self.group))
 
 
 class FinalNorm(nn.Module):
@@ -134,16 +135,27 @@ class FinalNorm(nn.Module):
         return enter_tp(self.norm(x), self.group, self.sequence_parallel)
 
 
+def head_rows(weight: torch.Tensor, cfg: ModelConfig, tp_group) -> torch.Tensor:
+    """The output head's weight rows that get logits: at tp = 1 only the real vocabulary
+    (``weight[:V]``, a contiguous view: the padded rows cost no matmul columns and the
+    loss reads contiguous logits), under TP the whole shard (the logits of every rank
+    must have one width for the all-gather; the loss drops the padding)."""
+    padded = tp_size(tp_group) > 1 or weight.size(0) == cfg.vocab_size
+    return weight if padded else weight[: cfg.vocab_size]
+
+
 class Head(nn.Module):
-    """Untied output head: (B, T, C) -> local logits (B, T, V_padded/tp), column-parallel."""
+    """Untied output head: (B, T, C) -> local logits (B, T, V_padded/tp), column-parallel;
+    (B, T, V) at tp = 1 (:func:`head_rows`)."""
 
     def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0) -> None:
         super().__init__()
+        self.cfg, self.group = cfg, tp_group
         self.proj = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab(tp_size(tp_group)), False, tp_group)
         init_component(self, cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return F.linear(x, head_rows(self.proj.weight, self.cfg, self.group))
 
 
 class LMLoss:
@@ -253,7 +265,7 @@ class GPT(nn.Module):
         x = self.embed(tokens)  # (B, T, C), or (B, T/tp, C) with SP
         x = self._run_blocks(x)
         x = self.final_norm(x)  # (B, T, C)
-        logits = self.head(x) if self.head is not None else self.embed.logits(x)  # (B, T, V_padded/tp)
+        logits = self.head(x) if self.head is not None else self.embed.logits(x)  # (B, T, V_padded/tp or V)
         if labels is None:
             return gather_logits(logits, self.group, self.cfg.vocab_size)
         return self.loss(logits, labels)

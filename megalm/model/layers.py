@@ -11,16 +11,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import flash_attention, layer_norm, rms_norm
+from kernels import flash_attention, layer_norm, rms_norm, use_triton
 from megalm.config import ModelConfig
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
 from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm's PyTorch path with a hand-written backward (fewer passes than autograd's).
+
+    With ``r = (mean_c x_c^2 + eps)^(-1/2)`` per row and ``y = x r w``:
+    ``dw = sum_n r_n (g x)_n`` and ``dx = r (g w) - x (r^3 / C) sum_c (g x)_c w_c``.
+    Forward: one read for ``r`` (``vector_norm``), two writes for ``y``. Backward: four
+    writes of (N, C) (``g x``, ``g w``, two in place) and two matrix-vector products for the
+    reductions, against about ten passes when autograd differentiates the reference
+    formula (:func:`kernels.rms_norm_reference`). Statistics and products in fp32 (fp64
+    for fp64 input), rounded once to ``x``'s dtype, as the reference does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(compute)  # (..., C)
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # (..., 1)
+        rstd = torch.rsqrt(norm.square_().div_(x.size(-1)).add_(eps))  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).mul_(weight.to(compute)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        compute, C = rstd.dtype, x.size(-1)
+        xf, g, w = x.to(compute).reshape(-1, C), grad.to(compute).reshape(-1, C), weight.to(compute)
+        r = rstd.reshape(-1, 1)  # (N, 1)
+        gx = g * xf  # (N, C)
+        dw = (r.T @ gx).reshape(C)  # sum_n r_n (g x)_n
+        coef = (gx @ w)[:, None] * r.pow(3) / C  # (N, 1): (r^3 / C) sum_c (g x)_c w_c
+        dx = (g * w).mul_(r).addcmul_(xf, coef, value=-1.0)  # (N, C)
+        return dx.reshape(x.shape).to(x.dtype), dw.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * g``.
 
+    Triton kernel where :func:`kernels.use_triton` allows it, else :class:`_RMSNormFunction`.
     ``sp_group``: with sequence parallelism each rank normalizes its own tokens, so
     the gain's gradient is summed over the TP group (:func:`copy_to_tp`).
     """
@@ -31,12 +66,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C) -> (..., C); statistics in fp32 (:func:`kernels.rms_norm`)."""
-        return rms_norm(x, copy_to_tp(self.weight, self.sp_group), self.eps, impl=self.kernels)
+        """x: (..., C) -> (..., C); statistics in fp32."""
+        w = copy_to_tp(self.weight, self.sp_group)
+        if use_triton(self.kernels, x, w, op="norms"):
+            return rms_norm(x, w, self.eps, impl=self.kernels)
+        return _RMSNormFunction.apply(x, w, self.eps)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm (Ba et al. 2016) with gain and bias; ``sp_group`` as in :class:`RMSNorm`."""
+    """LayerNorm (Ba et al. 2016) with gain and bias; ``sp_group`` as in :class:`RMSNorm`.
+
+    Triton kernel where :func:`kernels.use_triton` allows it, else ``F.layer_norm`` (one
+    fused kernel each way, statistics in fp32; the reference formula differentiated by
+    autograd took a dozen passes).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5, sp_group=None, kernels: str = "auto") -> None:
         super().__init__()
@@ -45,9 +88,11 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C) -> (..., C) (:func:`kernels.layer_norm`)."""
+        """x: (..., C) -> (..., C)."""
         w, b = copy_to_tp(self.weight, self.sp_group), copy_to_tp(self.bias, self.sp_group)
-        return layer_norm(x, w, b, self.eps, impl=self.kernels)
+        if use_triton(self.kernels, x, w, b, op="norms"):
+            return layer_norm(x, w, b, self.eps, impl=self.kernels)
+        return F.layer_norm(x, w.shape, w, b, self.eps)
 
 
 def make_norm(cfg: ModelConfig, sp_group=None) -> nn.Module:
