@@ -26,8 +26,15 @@ def run_pretrain(
     A non-zero exit fails the test for the multi-process launchers; plain python
     returns the process so tests can check error exits.
     """
+    return run_script("pretrain.py", ["--config", CONFIG, *overrides], launcher, nproc)
+
+
+def run_script(
+    name: str, args: list[str], launcher: str = "python", nproc: int = 1
+) -> subprocess.CompletedProcess:
+    """Run ``launch/<name>`` with ``args`` under ``launcher`` (as :func:`run_pretrain`)."""
     port = str(free_port())
-    script = [str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
+    script = [str(ROOT / "launch" / name), *args]
     if launcher == "python":
         cmd = [PYTHON, *script]
     elif launcher == "deepspeed":

@@ -14,7 +14,6 @@ such as ``parallel.tp=2`` or ``model.kernels=torch``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,47 +21,26 @@ from pathlib import Path
 import torch
 import yaml
 
-from megalm.config import Config, ConfigError, config_from_dict
+from megalm.checkpoint.cli import resolve_tag
+from megalm.checkpoint.manifest import CheckpointError
+from megalm.config import Config, config_from_dict
 from megalm.data import Manifest, load_manifest
 from megalm.parallel import ParallelContext, ParallelDims
 from megalm.parallel.layout import check_layout
-from megalm.train.checkpoint import Checkpointer, find_latest
+from megalm.train.checkpoint import Checkpointer, read_meta
 from megalm.train.dist import DistInfo, discover_ranks, init_distributed
 from megalm.train.strategy import Strategy, build_strategy
 from megalm.train.trainer import resolve_vocab
 
 
-class CheckpointNotFound(ConfigError):
-    """``--checkpoint`` names nothing loadable (a one-line ``error:``)."""
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The tag directory ``path`` names: a tag (``RUN/checkpoints/step_00000300``), the
-    ``latest`` file, the ``checkpoints`` directory or the run directory (both: the newest
-    complete tag)."""
-    p = Path(path)
-    if p.is_file() and p.name == "latest":
-        p = p.parent / p.read_text().strip()
-    if (p / "meta.json").is_file():
-        return p
-    for ckpt_dir in (p, p / "checkpoints"):
-        if ckpt_dir.is_dir() and (tag := find_latest(ckpt_dir)) is not None:
-            return tag
-    raise CheckpointNotFound(
-        f"no checkpoint at '{path}': pass a run directory, its checkpoints/ directory, checkpoints/latest "
-        "or a tag directory (step_XXXXXXXX holding meta.json) of a finished save"
-    )
-
-
 def checkpoint_config(tag: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The run's config saved with ``tag`` (``meta.json``, else the run's ``config.yaml``), with
     ``overrides`` applied and ``training.resume`` pointing at ``tag``."""
-    meta = json.loads((tag / "meta.json").read_text())
-    tree = meta.get("config")
+    tree = read_meta(tag).get("config")
     if tree is None:
         run_config = tag.parent.parent / "config.yaml"
         if not run_config.is_file():
-            raise CheckpointNotFound(f"checkpoint '{tag}' holds no config and '{run_config}' is missing")
+            raise CheckpointError(f"checkpoint '{tag}' holds no config and '{run_config}' is missing")
         tree = yaml.safe_load(run_config.read_text())
     cfg = config_from_dict(tree, overrides)
     return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, resume=str(tag)))
@@ -99,10 +77,10 @@ def open_checkpoint(checkpoint: str | Path, overrides: list[str] | tuple[str, ..
     """Collective: build the run's model under this job's launcher and layout and load ``checkpoint``.
 
     Raises:
-        ConfigError: no checkpoint there, a bad override or layout (one line each).
+        ConfigError: no checkpoint there (``CheckpointError``), a bad override or layout.
         DataError: the run's data manifest (tokenizer, EOS id) cannot be read.
     """
-    tag = resolve_checkpoint(checkpoint)
+    tag = resolve_tag(checkpoint)
     cfg = checkpoint_config(tag, overrides)
     ranks = discover_ranks()
     layout = check_layout(cfg, ranks.world_size, ranks.world_from)
@@ -114,5 +92,5 @@ def open_checkpoint(checkpoint: str | Path, overrides: list[str] | tuple[str, ..
     torch.manual_seed(cfg.run.seed)
     strategy = build_strategy(cfg, ctx, info)
     layout_meta = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": cfg.zero.stage}
-    step = Checkpointer(cfg, strategy.engine, _NoLoader(), layout_meta).resume()
+    step = Checkpointer(cfg, strategy.engine, _NoLoader(), layout_meta, ctx).resume()
     return Loaded(cfg, tag, step, manifest, info, ctx, strategy)
