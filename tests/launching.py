@@ -36,8 +36,15 @@ def run_pretrain(
     returns the process so tests can check error exits. The timeout is 600 s times
     ``MEGALM_TEST_TIMEOUT_FACTOR``.
     """
+    return run_script("pretrain.py", ["--config", CONFIG, *overrides], launcher, nproc, cuda)
+
+
+def run_script(
+    name: str, args: list[str], launcher: str = "python", nproc: int = 1, cuda: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``launch/<name>`` with ``args`` under ``launcher`` (as :func:`run_pretrain`)."""
     port = str(free_port())
-    script = [str(ROOT / "launch" / "pretrain.py"), "--config", CONFIG, *overrides]
+    script = [str(ROOT / "launch" / name), *args]
     if launcher == "python":
         cmd = [PYTHON, *script]
     elif launcher == "deepspeed":

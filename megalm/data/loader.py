@@ -300,12 +300,18 @@ def _reopen(windows: PackedWindows, exclude: dict[str, list[str]]) -> PackedWind
 
 
 def eval_batches(
-    windows: PackedWindows, n_samples: int, micro_batch: int, dp_rank: int, dp_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    windows: PackedWindows,
+    n_samples: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    with_ids: bool = False,
+) -> list[tuple[torch.Tensor, ...]]:
     """The first ``n_samples`` windows (wrapping if fewer), rank ``d`` taking every dp-th.
 
     ``n_samples`` must be a multiple of ``micro_batch * dp_size`` so every rank runs
-    the same number of forward passes (required under ZeRO-3).
+    the same number of forward passes (required under ZeRO-3). Each micro-batch is
+    (tokens, labels), with ``with_ids`` also (position_ids, doc_ids).
     """
     idx = np.arange(dp_rank, n_samples, dp_size) % len(windows)
-    return [windows.batch(idx[i : i + micro_batch]) for i in range(0, len(idx), micro_batch)]
+    return [windows.batch(idx[i : i + micro_batch], with_ids) for i in range(0, len(idx), micro_batch)]

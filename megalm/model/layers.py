@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import flash_attention, layer_norm, rms_norm, use_triton
+from kernels import flash_attention, layer_norm, rms_norm, unfused_attention, use_triton
 from megalm.config import ModelConfig
+from megalm.model.kv_cache import LayerCache
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
 from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
@@ -107,6 +108,8 @@ class Rotary(nn.Module):
 
     For position m and channel pair (i, i + hs/2) with frequency
     ``theta_i = base^(-2i/hs)``: ``x'_i = x_i cos(m theta_i) - x_{i+hs/2} sin(m theta_i)``.
+    Positions are ``0..T-1``, or per token from ``position_ids`` (restarting at each
+    packed document, or offset by the left padding and the KV cache in generation).
     """
 
     def __init__(self, head_size: int, max_len: int, base: float) -> None:
@@ -117,12 +120,28 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, h, T, hs) -> same shape, rotated by position."""
-        T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B, nh, T, hs), k: (B, nkv, T, hs) -> both rotated by position.
+
+        position_ids: (B, T) int64, or None for ``0..T-1``.
+        """
+        if position_ids is None:
+            T = q.size(-2)
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
+        else:
+            cos, sin = (
+                self.cos[position_ids].unsqueeze(1),
+                self.sin[position_ids].unsqueeze(1),
+            )  # (B, 1, T, hs)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -133,6 +152,22 @@ class Attention(nn.Module):
     too when ``n_kv_heads >= tp``; when ``n_kv_heads < tp`` each rank computes the
     one K/V head its query heads use from a replicated ``wk``/``wv`` whose gradient
     is summed over TP.
+
+    The core ``softmax(q k^T / sqrt(hs) + mask) v`` (:meth:`_attend`) takes one path:
+
+    ========================  ==============================================================
+    path                      when
+    ========================  ==============================================================
+    flash                     ``model.attention=flash``: FlashAttention-2 in Triton on CUDA,
+                              SDPA elsewhere (``model.kernels``)
+    unfused                   ``model.attention=unfused``: ``q k^T`` -> fused scale-mask-softmax
+                              kernel -> ``P v`` (Megatron's FusedScaleMaskSoftmax path)
+    cached decode             generation with a :class:`megalm.model.kv_cache.KVCache` holding
+                              earlier tokens: the new rows against the cache, unfused
+    ========================  ==============================================================
+
+    Every path takes ``doc_ids`` (B, T): a token attends only to tokens of its own
+    document (packed windows, left-padded prompts).
     """
 
     def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
@@ -157,7 +192,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(C, C, bias, group, sequence_parallel)
         self.wo.residual_proj = True  # scaled init, see GPT._init_weights
         self.rotary = Rotary(hs, cfg.seq_len, cfg.rope_theta) if cfg.family == "llama" else None
-        self.kernels = cfg.kernels
+        self.kernels, self.attention = cfg.kernels, cfg.attention
 
     def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.kv_replicated:
@@ -166,8 +201,18 @@ class Attention(nn.Module):
         b = copy_to_tp(proj.bias, self.group)[self.kv_rows] if proj.bias is not None else None
         return F.linear(x, w, b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape.
+
+        position_ids, doc_ids: (B, T) int64 over the full sequence, or None (positions
+        ``0..T-1``, one document). cache: this layer's view of a KV cache (generation).
+        """
         x = enter_tp(x, self.group, self.sequence_parallel)  # (B, T, C)
         B, T, _ = x.shape
         hs = self.head_size
@@ -175,12 +220,45 @@ class Attention(nn.Module):
         k = self._kv(self.wk, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        # softmax(q k^T / sqrt(hs) + causal mask) v: FlashAttention-2 in Triton on CUDA, SDPA
-        # elsewhere (model.kernels); GQA without repeating K/V.
-        y = flash_attention(q, k, v, causal=True, impl=self.kernels)  # (B, nh/tp, T, hs)
+            q, k = self.rotary(q, k, position_ids)
+        y = self._attend(q, k, v, doc_ids) if cache is None else self._attend_cached(q, k, v, doc_ids, cache)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * hs)  # (B, T, C/tp)
         return self.wo(y)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Causal self-attention of one window: q (B, nh', T, hs), k/v (B, nkv', T, hs) -> (B, nh', T, hs).
+
+        GQA without repeating K/V on every path.
+        """
+        if self.attention == "unfused":
+            return unfused_attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.kernels)
+        return flash_attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.kernels)
+
+    def _attend_cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """Store the new k/v in the cache; attend the T new queries to every stored key.
+
+        The first call (prefill, empty cache) takes the window path :meth:`_attend`, so
+        its output is the no-cache forward's; later calls (decode, usually T = 1) take
+        :func:`kernels.unfused_attention` with the queries as the last T positions
+        (``q_offset = Tk - T``) and the cache's document ids masking other documents
+        (left padding).
+        """
+        empty = cache.length == 0
+        k_all, v_all, kv_doc_ids = cache.update(k, v)  # (B, nkv', L + T, hs), (B, L + T) or None
+        if empty:
+            return self._attend(q, k, v, doc_ids)
+        return unfused_attention(
+            q, k_all, v_all, causal=True, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids, impl=self.kernels
+        )
 
 
 class MLP(nn.Module):
@@ -220,7 +298,14 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg, self.sp_group)
         self.mlp = MLP(cfg, group, sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
-        x = x + dropout(self.attn(self.attn_norm(x)), self.dropout, self.training, self.sp_group)
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape; the rest as in :meth:`Attention.forward`."""
+        a = self.attn(self.attn_norm(x), position_ids, doc_ids, cache)
+        x = x + dropout(a, self.dropout, self.training, self.sp_group)
         return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group)

@@ -12,9 +12,12 @@ weights. The topology handed to DeepSpeed comes from megalm's grid: axes
 ``pipe, data, model`` with ``model`` (= tp) fastest, the same rank meaning as
 :class:`megalm.parallel.ParallelDims`.
 
+With ``data.document_mask`` the layers pass (hidden, position_ids, doc_ids) from stage
+to stage (``Doc*`` layers). Text is sampled from the stages by
+:class:`megalm.train.generation.PipelineLM`.
+
 Known limits: dropout masks under pp > 1 differ from pp = 1 (each stage draws from
-its own process's RNG stream); sampling text from a pipelined model is not
-implemented (the trainer skips it and says so).
+its own process's RNG stream).
 """
 
 from __future__ import annotations
@@ -48,6 +51,36 @@ def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
     return embedding.logits(x)
 
 
+# With data.document_mask every stage passes (hidden, position_ids, doc_ids) on: DeepSpeed sends
+# tuples between stages and carries gradients for the floating-point first element only.
+class DocEmbedding(Embedding):
+    """:class:`Embedding` on (tokens, position_ids, doc_ids) -> (x, position_ids, doc_ids)."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        tokens, pos, doc = inputs
+        return super().forward(tokens, pos), pos, doc
+
+
+class DocSeededBlock(SeededBlock):
+    """:class:`SeededBlock` on (x, position_ids, doc_ids) -> the same triple."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, pos, doc = inputs
+        return super().forward(x, pos, doc), pos, doc
+
+
+class DocFinalNorm(FinalNorm):
+    """:class:`FinalNorm` on (x, position_ids, doc_ids) -> x."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return super().forward(inputs[0])
+
+
+def pipe_batches(micro_batches: list[tuple[torch.Tensor, ...]]) -> list[tuple]:
+    """(tokens, labels[, position_ids, doc_ids]) -> DeepSpeed's (inputs, labels) pairs."""
+    return [((x, *ids) if ids else x, y) for x, y, *ids in micro_batches]
+
+
 def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
     """A ``deepspeed.pipe.PipelineModule`` holding this rank's stage.
 
@@ -64,17 +97,21 @@ def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
     group, sp, L = ctx.tp_group, p.sequence_parallel, m.n_layers
     embed_args = (m, group, sp, component_seed(init_seed, 0))
     tied = m.tied
+    docs = cfg.data.document_mask
+    embedding, block, final_norm = (
+        (DocEmbedding, DocSeededBlock, DocFinalNorm) if docs else (Embedding, SeededBlock, FinalNorm)
+    )
     layers = [
-        TiedLayerSpec("embed", Embedding, *embed_args, tied_weight_attr="tok_emb.weight")
+        TiedLayerSpec("embed", embedding, *embed_args, tied_weight_attr="tok_emb.weight")
         if tied
-        else LayerSpec(Embedding, *embed_args)
+        else LayerSpec(embedding, *embed_args)
     ]
-    layers += [LayerSpec(SeededBlock, m, group, sp, component_seed(init_seed, 1 + i)) for i in range(L)]
-    layers.append(LayerSpec(FinalNorm, m, group, sp))
+    layers += [LayerSpec(block, m, group, sp, component_seed(init_seed, 1 + i)) for i in range(L)]
+    layers.append(LayerSpec(final_norm, m, group, sp))
     if tied:
         layers.append(
             TiedLayerSpec(
-                "embed", Embedding, *embed_args, forward_fn=_tied_logits, tied_weight_attr="tok_emb.weight"
+                "embed", embedding, *embed_args, forward_fn=_tied_logits, tied_weight_attr="tok_emb.weight"
             )
         )
     else:
@@ -235,22 +272,20 @@ def timed_phases(module: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
 
 
 def pipeline_train_step(
-    engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], timer: PhaseTimer | None = None
+    engine, micro_batches: list[tuple[torch.Tensor, ...]], timer: PhaseTimer | None = None
 ) -> float:
     """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss.
 
     ``timer`` (optional) gets the stage's phases through :func:`timed_phases`.
     """
     with timed_phases(engine.module, timer) if timer is not None else contextlib.nullcontext():
-        return float(engine.train_batch(data_iter=iter(micro_batches)))
+        return float(engine.train_batch(data_iter=iter(pipe_batches(micro_batches))))
 
 
-def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int) -> float:
+def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, ...]], accum: int) -> float:
     """Mean loss over micro-batches, ``accum`` per pipeline flush (every rank gets it)."""
-    losses = [
-        float(engine.eval_batch(iter(micro_batches[i : i + accum])))
-        for i in range(0, len(micro_batches), accum)
-    ]
+    batches = pipe_batches(micro_batches)
+    losses = [float(engine.eval_batch(iter(batches[i : i + accum]))) for i in range(0, len(batches), accum)]
     return sum(losses) / len(losses)
 
 

@@ -68,7 +68,8 @@ def engine_step(
     optimizer at the accumulation boundary (the last micro-batch).
 
     Args:
-        micro_batches: ``accum`` pairs of (tokens, labels), each (micro_batch, T).
+        micro_batches: ``accum`` tuples (tokens, labels[, position_ids, doc_ids]), each
+            (micro_batch, T); the ids reach the model's forward after the labels.
         measure_grad_norm: compute the global gradient norm before the step. Needed
             for ZeRO-0 fp32, where DeepSpeed clips but does not keep the norm.
         mpu: the model-parallel unit handed to DeepSpeed (for the norm across TP).
@@ -82,10 +83,10 @@ def engine_step(
         (this rank's mean micro-batch loss, grad norm or ``None``), 0-d tensors on ``device``.
     """
     losses, gnorm, timer = [], None, timer or NoTimer()
-    for i, (x, y) in enumerate(micro_batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for i, batch in enumerate(micro_batches):
+        x, y, *ids = (t.to(device, non_blocking=True) for t in batch)
         with timer.phase("forward"):
-            loss = engine(x, y)
+            loss = engine(x, y, *ids)
         with timer.phase("backward"):
             engine.backward(loss)
         losses.append(loss.detach())

@@ -6,7 +6,9 @@ questions for the trainer, so the trainer never asks "is this pipelined?":
 - ``train_step(micro_batches, timer)``: one optimizer step; the data-parallel mean
   loss and the gradient norm stay on the device (read at log time);
 - ``eval_loss(micro_batches)``: mean held-out loss over every rank's windows;
-- ``logits``: a ``tokens -> logits`` function for sampling, or ``None``.
+- ``lm``: the model as a generation callable, ``lm(tokens, position_ids=, doc_ids=,
+  cache=) -> logits`` (:mod:`megalm.model.generate`; collective: every rank calls it),
+  and ``module``, the ``nn.Module`` it runs (for :func:`megalm.model.decoding`).
 
 ``timer`` is the timing hook the benchmark uses (``megalm/perf``): both steps
 report ``forward``, ``backward`` and ``optimizer`` phases through it (the pipelined
@@ -22,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config
-from megalm.model import GPT
+from megalm.model import build_model
 from megalm.parallel import ParallelContext
 from megalm.train.dist import DistInfo
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
+from megalm.train.generation import PipelineLM
 from megalm.train.health import Health
 from megalm.train.pipeline import (
     build_pipeline,
@@ -36,7 +39,7 @@ from megalm.train.pipeline import (
 )
 from megalm.train.step import PhaseTimer, engine_step
 
-MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+MicroBatches = list[tuple[torch.Tensor, ...]]  # (tokens, labels[, position_ids, doc_ids])
 
 
 class StepOutput(NamedTuple):
@@ -48,7 +51,8 @@ class StepOutput(NamedTuple):
 
 class Strategy(Protocol):
     engine: object
-    logits: Callable[[torch.Tensor], torch.Tensor] | None
+    module: torch.nn.Module
+    lm: Callable[..., torch.Tensor]
 
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput: ...
 
@@ -56,21 +60,21 @@ class Strategy(Protocol):
 
 
 class PlainStep:
-    """pp = 1: :class:`megalm.model.GPT` (TP/SP layers inside) in a DeepSpeed engine."""
+    """pp = 1: :class:`megalm.model.GPT` (TP/SP layers inside) or the LSTM in a DeepSpeed engine."""
 
     def __init__(
         self, cfg: Config, ctx: ParallelContext, info: DistInfo, health: Health | None = None
     ) -> None:
         p, t = cfg.parallel, cfg.training
         self.cfg, self.ctx, self.device, self.health = cfg, ctx, info.device, health
-        model = GPT(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed)
+        model = build_model(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed)
         if t.recompute == "full":
             model.set_recompute(t.recompute_interval)
         self.mpu = ctx.as_mpu()
         self.engine = build_engine(cfg, model, ctx.dp, info.device, self.mpu)
         # ZeRO-0 fp32: DeepSpeed clips but does not keep the norm; measure it before the step.
         self.measure_grad_norm = cfg.zero.stage == 0 and resolve_dtype(cfg, info.device) == "fp32"
-        self.logits = self._logits
+        self.module = self.lm = self.engine.module  # ZeRO-3 gathers parameters in its forward hooks
         if health is not None:
             health.install(self.engine)
 
@@ -97,15 +101,13 @@ class PlainStep:
     def eval_loss(self, micro_batches: MicroBatches) -> float:
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, windows)
-        for x, y in micro_batches:
-            total[0] += self.engine(x.to(self.device), y.to(self.device)).double() * x.size(0)
+        for batch in micro_batches:
+            x, y, *ids = (t.to(self.device) for t in batch)
+            total[0] += self.engine(x, y, *ids).double() * x.size(0)
             total[1] += x.size(0)
         self.engine.train()
         dist.all_reduce(total, group=self.ctx.dp_group)
         return (total[0] / total[1]).item()
-
-    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.engine.module(tokens)
 
 
 class PipelineStep:
@@ -118,7 +120,7 @@ class PipelineStep:
         self.module = build_pipeline(cfg, ctx, init_seed=cfg.run.seed)
         self.engine, self.clipping = build_pipeline_engine(cfg, self.module, ctx, info.device)
         self.accum = gradient_accumulation(cfg, ctx.dp)
-        self.logits = None
+        self.lm = PipelineLM(self.module, ctx, cfg.model)  # pipelined decode, see megalm/train/generation.py
         if health is not None:  # checks inside train_batch, at the engine's optimizer step
             health.install(self.engine, pipeline=True)
 

@@ -88,7 +88,7 @@ class Trainer:
         seq, d, t = cfg.model.seq_len, cfg.data, cfg.training
         self.batches = open_train_batches(d, manifest, seq, t.global_batch, t.micro_batch, dp_rank, dims.dp)
         self.val_windows = open_split(manifest, "val", seq, d.on_bad_data, d.verify)
-        self.tokenizer_file = manifest.tokenizer_file
+        self.tokenizer_file, self.eos_id = manifest.tokenizer_file, manifest.eos_id
 
         self.info = info = init_distributed(cfg, ranks)
         self.run_dir = Path(cfg.run.dir)
@@ -333,10 +333,7 @@ class Trainer:
     def _sample(self) -> str:
         if self.cfg.training.sample_tokens <= 0:
             return ""
-        if self.strategy.logits is None:
-            self._log0("sample | skipped: sampling from a pipeline-parallel model is not implemented")
-            return ""
-        return sample_text(self.cfg, self.strategy, self.tokenizer_file, self.info.device)
+        return sample_text(self.cfg, self.strategy, self.tokenizer_file, self.eos_id, self.info.device)
 
     def _close(self, result: TrainResult | None = None) -> None:
         if self.log is None:
