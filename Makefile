@@ -27,6 +27,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e .
+	$(BIN)/python -m megalm.train.ds_ops
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build DeepSpeed's CPU comm op once, before any test starts ranks: ranks that find it
+    missing build it concurrently behind a lock, and a test killed mid-build would leave
+    that lock for every later test to wait on (megalm/train/ds_ops.py)."""
+    env = subprocess_env() | {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    cmd = [PYTHON, "-m", "megalm.train.ds_ops"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(900))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Scale pytest-timeout's per-test limit (the ini ``timeout``) by the timeout factor."""
     if config.pluginmanager.hasplugin("timeout") and config.getoption("timeout", None) is None:

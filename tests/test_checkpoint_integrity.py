@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import scaled_timeout, tiny_overrides
 from tests.launching import run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -84,12 +84,18 @@ def saved_run(shards_dir, tmp_path_factory) -> Path:
 
 def test_each_damaged_file_is_named_and_auto_resume_falls_back(saved_run, shards_dir, tmp_path):
     overrides = tiny_overrides(tmp_path / "run", shards_dir, **{"training.max_steps": 4})
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a fork of the pytest process (torch's and gloo's threads running) can
+    # deadlock in the child; daemon, so a hung child cannot keep pytest from exiting.
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_cases, args=(str(saved_run), str(tmp_path), overrides, queue))
+    proc = ctx.Process(target=_cases, args=(str(saved_run), str(tmp_path), overrides, queue), daemon=True)
     proc.start()
-    status, results = queue.get(timeout=600)
-    proc.join(60)
+    try:
+        status, results = queue.get(timeout=scaled_timeout(600))
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
     assert status == "ok", results
     for (kind, how), (step, target, out) in results.items():
         lines = [line for line in out.splitlines() if line.startswith("checkpoint | skipped")]
