@@ -97,9 +97,18 @@ def with_cache(manifest: Manifest, data) -> Manifest:
 
 
 def open_train_batches(
-    data, manifest: Manifest, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    data,
+    manifest: Manifest,
+    seq_len: int,
+    global_batch: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    cp_rank: int = 0,
+    cp_size: int = 1,
 ) -> TrainBatches:
-    """The training loader for ``data`` (a ``DataConfig``): ``data.dir`` or the ``data.blend`` mix.
+    """The training loader for ``data`` (a ``DataConfig``): ``data.dir`` or the ``data.blend`` mix,
+    each window cut to cp rank ``cp_rank``'s tokens of ``cp_size`` (context parallelism).
 
     Raises:
         DataError: an empty training split or one shorter than a window, a bad shard under
@@ -121,4 +130,6 @@ def open_train_batches(
         dp_size,
         weights=[w for w, _ in entries],
         workers=data.workers,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
     )
