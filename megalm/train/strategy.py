@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megalm.config import Config
 from megalm.model import GPT
 from megalm.parallel import ParallelContext
+from megalm.parallel.context import gather_sequence, shard_sequence
 from megalm.train.dist import DistInfo
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
 from megalm.train.pipeline import (
@@ -54,12 +55,17 @@ class Strategy(Protocol):
 
 
 class PlainStep:
-    """pp = 1: :class:`megalm.model.GPT` (TP/SP layers inside) in a DeepSpeed engine."""
+    """pp = 1: :class:`megalm.model.GPT` (TP/SP layers and ring attention inside) in a DeepSpeed engine.
+
+    With context parallelism each rank's loss is the mean over its tokens; the losses
+    reported here are averaged over dp x cp (equal token counts, so that is the mean over
+    the global batch).
+    """
 
     def __init__(self, cfg: Config, ctx: ParallelContext, info: DistInfo) -> None:
         p, t = cfg.parallel, cfg.training
         self.cfg, self.ctx, self.device = cfg, ctx, info.device
-        model = GPT(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed)
+        model = GPT(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed, ctx.cp_group)
         if t.recompute == "full":
             model.set_recompute(t.recompute_interval)
         self.mpu = ctx.as_mpu()
@@ -73,9 +79,9 @@ class PlainStep:
             self.engine, micro_batches, self.device, self.measure_grad_norm, self.mpu, timer
         )
         loss = loss.detach().float().clone()
-        if self.ctx.dp > 1:
-            dist.all_reduce(loss, group=self.ctx.dp_group)
-            loss /= self.ctx.dp
+        if self.ctx.dp_cp > 1:
+            dist.all_reduce(loss, group=self.ctx.dp_cp_group)
+            loss /= self.ctx.dp_cp
         return StepOutput(loss, gnorm)
 
     @torch.no_grad()
@@ -86,11 +92,19 @@ class PlainStep:
             total[0] += self.engine(x.to(self.device), y.to(self.device)).double() * x.size(0)
             total[1] += x.size(0)
         self.engine.train()
-        dist.all_reduce(total, group=self.ctx.dp_group)
+        dist.all_reduce(total, group=self.ctx.dp_cp_group)
         return (total[0] / total[1]).item()
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.engine.module(tokens)
+        """(B, T) -> (B, T, V) on every rank; under cp the sequence is right-padded (causal: the
+        first T positions do not see the padding), split, run, and gathered back."""
+        cp = self.ctx.cp
+        if cp == 1:
+            return self.engine.module(tokens)
+        T, multiple = tokens.size(1), 2 * cp * (self.ctx.tp if self.cfg.parallel.sequence_parallel else 1)
+        padded = torch.nn.functional.pad(tokens, (0, -T % multiple))
+        local = self.engine.module(shard_sequence(padded, cp, self.ctx.cp_rank))
+        return gather_sequence(local, self.ctx.cp_group)[:, :T]
 
 
 class PipelineStep:
