@@ -13,9 +13,11 @@ from torch import nn
 
 from kernels import flash_attention, layer_norm, rms_norm
 from megalm.config import ModelConfig
+from megalm.parallel.context import cp_size, local_positions
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
 from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
+from megalm.parallel.ring import ring_attention
 
 
 class RMSNorm(nn.Module):
@@ -72,10 +74,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, h, T, hs) -> same shape, rotated by position."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, h, T, hs) -> same shape, rotated by position (``positions`` (T,), default 0..T-1)."""
         T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        if positions is None:
+            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        else:
+            cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -88,13 +93,18 @@ class Attention(nn.Module):
     too when ``n_kv_heads >= tp``; when ``n_kv_heads < tp`` each rank computes the
     one K/V head its query heads use from a replicated ``wk``/``wv`` whose gradient
     is summed over TP.
+
+    Context parallel (``cp_group``): the input holds this rank's tokens of each sequence
+    (:mod:`megalm.parallel.context`); RoPE uses their global positions and the
+    attention is :func:`megalm.parallel.ring.ring_attention` over the cp group.
     """
 
-    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False, cp_group=None) -> None:
         super().__init__()
         tp = tp_size(group)
         C, hs, n_kv = cfg.d_model, cfg.head_size, cfg.kv_heads
         self.group, self.sequence_parallel, self.head_size = group, sequence_parallel, hs
+        self.cp_group = cp_group if cp_size(cp_group) > 1 else None
         self.local_heads = cfg.n_heads // tp
         self.kv_replicated = n_kv < tp
         self.local_kv_heads = 1 if self.kv_replicated else n_kv // tp
@@ -130,10 +140,14 @@ class Attention(nn.Module):
         k = self._kv(self.wk, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            pos = None if self.cp_group is None else local_positions(T, self.cp_group, x.device)
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
         # softmax(q k^T / sqrt(hs) + causal mask) v: FlashAttention-2 in Triton on CUDA, SDPA
         # elsewhere (model.kernels); GQA without repeating K/V.
-        y = flash_attention(q, k, v, causal=True, impl=self.kernels)  # (B, nh/tp, T, hs)
+        if self.cp_group is not None:
+            y = ring_attention(q, k, v, self.cp_group, impl=self.kernels)  # (B, nh/tp, T, hs)
+        else:
+            y = flash_attention(q, k, v, causal=True, impl=self.kernels)  # (B, nh/tp, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * hs)  # (B, T, C/tp)
         return self.wo(y)
 
@@ -166,12 +180,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: ``x + Attn(N(x))`` then ``x + MLP(N(x))``."""
 
-    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False, cp_group=None) -> None:
         super().__init__()
         self.sp_group = group if sequence_parallel else None
         self.dropout = cfg.dropout
         self.attn_norm = make_norm(cfg, self.sp_group)
-        self.attn = Attention(cfg, group, sequence_parallel)
+        self.attn = Attention(cfg, group, sequence_parallel, cp_group)
         self.mlp_norm = make_norm(cfg, self.sp_group)
         self.mlp = MLP(cfg, group, sequence_parallel)
 
