@@ -116,7 +116,7 @@ class Embedding(nn.Module):
             if self.sequence_parallel:  # this rank's tokens; the table's gradient is summed over TP
                 pos = pos.chunk(tp_size(self.group))[tp_rank(self.group)]
             x = x + F.embedding(pos, copy_to_tp(self.pos_emb.weight, self.sp_group))
-        return dropout(x, self.cfg.dropout, self.training, self.sp_group)
+        return dropout(x, self.cfg.dropout, self.training, self.sp_group, self.cp_group)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp)."""

@@ -183,6 +183,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False, cp_group=None) -> None:
         super().__init__()
         self.sp_group = group if sequence_parallel else None
+        self.cp_group = cp_group
         self.dropout = cfg.dropout
         self.attn_norm = make_norm(cfg, self.sp_group)
         self.attn = Attention(cfg, group, sequence_parallel, cp_group)
@@ -191,5 +192,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
-        x = x + dropout(self.attn(self.attn_norm(x)), self.dropout, self.training, self.sp_group)
-        return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group)
+        x = x + dropout(
+            self.attn(self.attn_norm(x)), self.dropout, self.training, self.sp_group, self.cp_group
+        )
+        return x + dropout(
+            self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group, self.cp_group
+        )
