@@ -261,3 +261,30 @@ def test_counted_ring_bytes_per_layer_equal_the_formula(recompute):
     assert formula["cp_kv"] == (3 if recompute else 2) * 2 * 3 * 16 * 32 * 4  # hops x K,V x b x s/cp x w x e
     for measured in run_distributed(2, _model_bytes, recompute):
         assert measured == formula
+
+
+# -- the planner -------------------------------------------------------------------------------
+
+
+def test_planner_proposes_cp_for_128k_tokens_and_says_why():
+    """llama-8b at 131072 tokens on 64 H100: the best layouts split sequences; every layout without
+    cp is out of memory unless it recomputes every forward, which the planner shows to be slower."""
+    from megalm.perf.devices import DEVICES
+    from megalm.perf.memory import params_per_device
+    from megalm.perf.plan import format_plan, plan
+
+    cfg = load_config("configs/model/llama-8b.yaml").model
+    p = plan(cfg, 64, DEVICES["h100"], global_batch=128, seq_len=131072)
+    assert p.fits[0].layout.cp > 1
+    assert not [e for e in p.fits if e.layout.cp == 1 and e.layout.recompute != "full"]
+    no_cp = [e for e in p.fits if e.layout.cp == 1]
+    assert all(e.step_s > p.fits[0].step_s for e in no_cp)
+    text = format_plan(p)
+    assert f"why cp={p.fits[0].layout.cp}: without context parallelism (cp=1)" in text
+    assert "recompute=none: no layout fits" in text and "> 72.0 GB" in text
+    assert "slower than #1 (it recomputes every forward)" in text
+    # per rank: activations of s / cp tokens, states partitioned by ZeRO over dp x cp
+    best = p.fits[0]
+    assert best.states["optimizer"] == pytest.approx(
+        12 * params_per_device(cfg, best.layout.tp, best.layout.pp) / (best.layout.dp * best.layout.cp)
+    )
