@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -19,7 +20,9 @@ from megalm.parallel.layout import check_layout
 from megalm.parallel.mappings import COMM_BYTES
 from megalm.parallel.ring import ring_attention
 from megalm.perf.cp import ring_bytes_per_layer
+from tests.conftest import tiny_overrides
 from tests.distributed import run_distributed
+from tests.launching import run_pretrain
 
 V = 500
 
@@ -288,3 +291,72 @@ def test_planner_proposes_cp_for_128k_tokens_and_says_why():
     assert best.states["optimizer"] == pytest.approx(
         12 * params_per_device(cfg, best.layout.tp, best.layout.pp) / (best.layout.dp * best.layout.cp)
     )
+
+
+# -- training under torchrun -------------------------------------------------------------------
+
+# 5 steps at 512 tokens; clipping active (grad_clip below the norm), so the dp x cp gradient
+# average and the norm are both exercised.
+CP_RUN = {
+    "model.seq_len": 512,
+    "training.max_steps": 5,
+    "training.global_batch": 4,
+    "training.micro_batch": 2,
+    "training.eval_interval": 5,
+    "training.sample_tokens": 0,
+    "optim.warmup_steps": 2,
+    "optim.grad_clip": 0.3,
+}
+
+
+def _records(run_dir) -> tuple[dict[int, dict], list[float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if "loss" in r}, [r["val_loss"] for r in lines if "val_loss" in r]
+
+
+def assert_same_run(ref_dir, run_dir) -> None:
+    """Per-step loss and held-out loss within 1e-5 relative, gradient norm within 1e-4."""
+    (ref, ref_val), (got, got_val) = _records(ref_dir), _records(run_dir)
+    assert sorted(got) == sorted(ref) == list(range(1, CP_RUN["training.max_steps"] + 1))
+    loss = max(abs(got[s]["loss"] - ref[s]["loss"]) / ref[s]["loss"] for s in ref)
+    norm = max(abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) / ref[s]["grad_norm"] for s in ref)
+    val = max(abs(a - b) / b for a, b in zip(got_val, ref_val, strict=True))
+    print(f"{run_dir.name}: loss rel {loss:.2e}, grad norm rel {norm:.2e}, held-out rel {val:.2e}")
+    assert loss <= 1e-5 and val <= 1e-5 and norm <= 1e-4, (loss, val, norm)
+
+
+@pytest.fixture(scope="module")
+def single_process(shards_dir, tmp_path_factory) -> dict[str, object]:
+    """One-process runs of both families (the references every layout must equal)."""
+    out = {}
+    for family in ("llama", "gpt2"):
+        run_dir = tmp_path_factory.mktemp(f"cp1-{family}")
+        proc = run_pretrain(tiny_overrides(run_dir, shards_dir, **CP_RUN, **{"model.family": family}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[family] = run_dir
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "layout"),
+    [
+        ("llama", {"parallel.cp": 2, "zero.stage": 1}),
+        ("llama", {"parallel.cp": 4, "zero.stage": 3, "training.recompute": "full"}),
+        ("gpt2", {"parallel.cp": 2, "zero.stage": 2, "training.recompute": "full"}),
+        ("gpt2", {"parallel.cp": 4}),
+        (
+            "llama",
+            {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": "true", "zero.stage": 1},
+        ),
+        ("llama", {"parallel.cp": 2, "parallel.pp": 2, "zero.stage": 1, "training.recompute": "full"}),
+    ],
+    ids=["cp2-zero1", "cp4-zero3-recompute", "gpt2-cp2-zero2-recompute", "gpt2-cp4", "tp2-sp-cp2", "pp2-cp2"],
+)
+def test_cp_training_equals_single_process(single_process, shards_dir, tmp_path, family, layout):
+    """cp 2 and 4 for both families (GQA: 4 query / 2 K/V heads), tp 2 x cp 2 and pp 2 x cp 2 on
+    4 ranks, composed with ZeRO 0-3 and activation checkpointing: the one-process losses."""
+    degrees = [layout.get(k, 1) for k in ("parallel.cp", "parallel.tp", "parallel.pp")]
+    overrides = tiny_overrides(tmp_path, shards_dir, **CP_RUN, **layout, **{"model.family": family})
+    run_pretrain(overrides, "torchrun", degrees[0] * degrees[1] * degrees[2])
+    assert_same_run(single_process[family], tmp_path)
