@@ -360,3 +360,17 @@ def test_cp_training_equals_single_process(single_process, shards_dir, tmp_path,
     overrides = tiny_overrides(tmp_path, shards_dir, **CP_RUN, **layout, **{"model.family": family})
     run_pretrain(overrides, "torchrun", degrees[0] * degrees[1] * degrees[2])
     assert_same_run(single_process[family], tmp_path)
+
+
+@pytest.mark.slow
+def test_cp_checkpoint_resumes_on_one_process(single_process, shards_dir, tmp_path):
+    """A cp 2 x ZeRO-1 run saved at step 3 resumes on one process and continues the uninterrupted
+    run: its two dp x cp ranks wrote the global tensors, the loader position ignores cp."""
+    first = {**CP_RUN, "training.max_steps": 3, "parallel.cp": 2, "zero.stage": 1}
+    run_pretrain(tiny_overrides(tmp_path, shards_dir, **first), "torchrun", 2)
+    proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **CP_RUN))
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    (ref, ref_val), (got, got_val) = _records(single_process["llama"]), _records(tmp_path)
+    for step in (4, 5):
+        assert abs(got[step]["loss"] - ref[step]["loss"]) <= 1e-5 * ref[step]["loss"], (step, got, ref)
+    assert abs(got_val[-1] - ref_val[-1]) <= 1e-5 * ref_val[-1]
