@@ -374,3 +374,11 @@ def test_cp_checkpoint_resumes_on_one_process(single_process, shards_dir, tmp_pa
     for step in (4, 5):
         assert abs(got[step]["loss"] - ref[step]["loss"]) <= 1e-5 * ref[step]["loss"], (step, got, ref)
     assert abs(got_val[-1] - ref_val[-1]) <= 1e-5 * ref_val[-1]
+
+
+def test_benchmark_sweep_starts_tp_cp_pp_dp_processes(tmp_path):
+    from megalm.perf.sweep import SweepSettings, parse_sweep, processes
+
+    s = SweepSettings(config="configs/tiny.yaml", out=tmp_path, dp=2)
+    rows = parse_sweep(["parallel.cp=1,2,4", "parallel.tp=2"])
+    assert [processes(s, r) for r in rows] == [4, 8, 16]
