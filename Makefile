@@ -10,12 +10,13 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
-.PHONY: help install install-dev data train test lint bench clean-run clean
+.PHONY: help install install-dev data train test golden lint bench clean-run clean
 
 help:
 	@echo "make train   install, build the stdlib corpus + tokenizer + shards, train configs/tiny.yaml"
 	@echo "make test    install dev extras and run the whole test suite"
 	@echo "make data    only build data/stdlib (corpus, tokenizer, shards)"
+	@echo "make golden  regenerate tests/golden/*.json (golden loss curves) and print the diff"
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   megalm step vs bare PyTorch step benchmark"
 
@@ -48,6 +49,11 @@ train: $(VENV)/.installed data
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# After a change that moves the numbers on purpose (or a torch/DeepSpeed upgrade): review the
+# printed diff and commit tests/golden/*.json with the change.
+golden: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.golden
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -2,12 +2,13 @@
 
     python launch/bench_recompute.py [--layers 8] [--d-model 256] [--seq 256] [--batch 8] [--out runs/bench]
 
-Memory is the bytes autograd keeps for the backward (saved tensors, counted with
-``torch.autograd.graph.saved_tensors_hooks``: exact, not sampled); time is the
-median forward+backward step, the two variants alternating in one process.
-Expected (Chen et al. 2016; Korthikanti et al. 2022): saved activations fall to
-about one block input per ``interval`` blocks, time rises by about one extra
-forward (~+33%).
+Memory is the bytes autograd keeps for the backward of one forward
+(:func:`megalm.perf.measure.saved_activation_bytes`: saved tensors, parameters
+excluded; exact, not sampled), taken once per variant in the untimed first round;
+time is the median forward+backward step without the counting hooks, the two
+variants alternating in one process. Expected (Chen et al. 2016; Korthikanti et al.
+2022): saved activations fall to about one block input per ``interval`` blocks,
+time rises by about one extra forward (~+33%).
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.model import GPT  # noqa: E402
+from megalm.perf.measure import saved_activation_bytes  # noqa: E402
 
 
-def saved_bytes_and_time(model: GPT, x: torch.Tensor) -> tuple[int, float]:
-    """(bytes of tensors saved for backward, seconds for forward + backward)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
-        return t
-
+def step(model: GPT, x: torch.Tensor, measure: bool) -> tuple[int, float]:
+    """(bytes saved for backward if ``measure`` else 0, seconds for forward + backward)."""
     t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes(model, enabled=measure) as saved:
         loss = model(x[:, :-1], x[:, 1:])
     loss.backward()
     seconds = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
-    return sum(seen.values()), seconds
+    return saved["bytes"], seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,18 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = GPT(cfg).train()
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-    results: dict[str, dict[str, list]] = {"none": {"bytes": [], "s": []}, "full": {"bytes": [], "s": []}}
-    for i in range(args.steps + 1):  # the first round warms up and is not timed
+    saved: dict[str, int] = {}
+    seconds: dict[str, list[float]] = {"none": [], "full": []}
+    for i in range(args.steps + 1):  # the first round measures memory and is not timed
         for name in ("none", "full") if i % 2 == 0 else ("full", "none"):
             model.set_recompute(args.interval if name == "full" else 0)
-            nbytes, seconds = saved_bytes_and_time(model, x)
-            if i:
-                results[name]["bytes"].append(nbytes)
-                results[name]["s"].append(seconds)
-    row = {
-        k: {"saved_mb": v["bytes"][0] / 2**20, "step_s": statistics.median(v["s"])}
-        for k, v in results.items()
-    }
+            nbytes, s = step(model, x, measure=i == 0)
+            if i == 0:
+                saved[name] = nbytes
+            else:
+                seconds[name].append(s)
+    row = {k: {"saved_mb": saved[k] / 2**20, "step_s": statistics.median(seconds[k])} for k in seconds}
     mem_ratio = row["full"]["saved_mb"] / row["none"]["saved_mb"]
     time_ratio = row["full"]["step_s"] / row["none"]["step_s"]
     print(

@@ -1,4 +1,4 @@
-"""Benchmark: one megalm (DeepSpeed engine) training step vs a bare PyTorch loop.
+"""Benchmark: the trainer's training step (DeepSpeed engine) vs a bare PyTorch loop.
 
     python launch/bench_step.py --config configs/tiny.yaml [--steps 10] [--out runs/bench] [key=value ...]
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megalm.train.bench_step import compare_step
+    from megalm.perf.step_compare import compare_step
 
     r = compare_step(cfg, args.steps, args.warmup)
     print(

@@ -4,7 +4,7 @@
 
 Starts ``tp`` CPU processes (gloo) per degree, counts every collective of one
 forward + backward, and prints the measured bytes next to the formula of
-Korthikanti et al. 2022 (see ``megalm/parallel/comm_report.py``). Writes JSON.
+Korthikanti et al. 2022 (see ``megalm/perf/comm.py``). Writes JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.parallel import ParallelContext, ParallelDims  # noqa: E402
-from megalm.parallel.comm_report import analytic_layer_bytes, measure_layer_bytes  # noqa: E402
+from megalm.perf.comm import analytic_layer_bytes, measure_layer_bytes  # noqa: E402
 
 
 def _worker(rank: int, tp: int, port: int, cfg: ModelConfig, batch: int, queue) -> None:

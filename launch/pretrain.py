@@ -3,8 +3,15 @@
     python launch/pretrain.py --config configs/tiny.yaml [section.key=value ...]
 
 Works the same under ``torchrun``, ``deepspeed`` (accepts ``--local_rank``) and
-plain ``python`` (a world of one). Bad input ends with one ``error:`` line and
-exit code 2.
+plain ``python`` (a world of one). Exit codes:
+
+====  =======================================================================
+0     trained to ``training.max_steps``
+2     one ``error:`` line: bad config or data, ``run.dir`` in use / not writable /
+      full, or a step the health policy stops on (the last checkpoint is finite)
+1     one ``error:`` line: a collective failed (a rank died or hung), naming it
+75    preempted (``preempt.exit_code``): saved, run again to continue
+====  =======================================================================
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from megalm.train import pretrain
+        from megalm.train import CollectiveError, pretrain
 
-        pretrain(cfg)
+        try:
+            pretrain(cfg)
+        except CollectiveError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
     except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -1,9 +1,21 @@
-"""Shared fixtures: a small tokenized corpus built once per session from the stdlib."""
+"""Shared fixtures and settings of the test suite.
+
+- Data, built once per session: ``corpus_dir``/``tokenizer_path``/``shards_dir`` (~1.5 MB of
+  the stdlib's source, for the data tools) and ``golden_data`` (the fixed corpus
+  ``tests/data/corpus.jsonl``: the data of the golden curves, see ``tests/golden``).
+- ``golden_runs``: the single-process golden run of each family, made once per session on
+  demand; ``pytest --update-golden`` rewrites ``tests/golden/*.json`` from them first and
+  prints the diff.
+- Timeouts: every timeout inside a test is ``scaled_timeout(seconds)``, ``seconds`` times
+  ``MEGALM_TEST_TIMEOUT_FACTOR`` (default 1; e.g. 3 on a slow or loaded machine), and the
+  factor scales pytest-timeout's per-test limit too.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +39,43 @@ def subprocess_env() -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
         env.pop(key, None)
     return env
+
+
+TIMEOUT_FACTOR_ENV = "MEGALM_TEST_TIMEOUT_FACTOR"
+
+
+def timeout_factor() -> float:
+    """``MEGALM_TEST_TIMEOUT_FACTOR`` (default 1): how much slower than usual this machine may be."""
+    raw = os.environ.get(TIMEOUT_FACTOR_ENV, "1")
+    try:
+        factor = float(raw)
+    except ValueError:
+        factor = 0.0
+    if not factor > 0:
+        raise pytest.UsageError(f"{TIMEOUT_FACTOR_ENV}={raw!r} must be a number > 0, e.g. 2")
+    return factor
+
+
+def scaled_timeout(seconds: float) -> float:
+    """A timeout of ``seconds`` on an ordinary machine, scaled by :func:`timeout_factor`."""
+    return seconds * timeout_factor()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="regenerate tests/golden/*.json from single-process runs first and print the diff",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Scale pytest-timeout's per-test limit (the ini ``timeout``) by the timeout factor."""
+    if config.pluginmanager.hasplugin("timeout") and config.getoption("timeout", None) is None:
+        ini = config.getini("timeout")
+        if ini:
+            config.option.timeout = float(ini) * timeout_factor()
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +103,52 @@ def shards_dir(corpus_dir, tokenizer_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     preprocess([str(corpus_dir)], tokenizer_path, out, workers=1, shard_tokens=150_000, val_fraction=0.1)
     return out
+
+
+@pytest.fixture(scope="session")
+def golden_data(tmp_path_factory) -> Path:
+    """Shards (with ``tokenizer.json``) of the fixed corpus: the data of the golden curves."""
+    from tests.golden import build_golden_data
+
+    return build_golden_data(tmp_path_factory.mktemp("golden-data"))
+
+
+@pytest.fixture(scope="session")
+def golden_runs(golden_data, tmp_path_factory, request) -> Callable[[str], Path]:
+    """``golden_runs(family)``: run directory of that family's single-process golden run
+    (``python launch/pretrain.py``, made once per session, on first use). With
+    ``--update-golden`` each run rewrites its golden file and the diff is printed."""
+    from tests.golden.update import run_golden, write_golden
+
+    runs: dict[str, Path] = {}
+    update = request.config.getoption("--update-golden")
+
+    def get(family: str) -> Path:
+        if family not in runs:
+            runs[family] = run_golden(tmp_path_factory.mktemp(f"golden-{family}"), golden_data, family)
+            if update:
+                _echo(request.config, write_golden(runs[family], family))
+        return runs[family]
+
+    return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _update_golden(request) -> None:
+    """``--update-golden``: regenerate every golden file before any test compares with one."""
+    if request.config.getoption("--update-golden"):
+        from tests.golden import FAMILIES
+
+        get = request.getfixturevalue("golden_runs")
+        for family in FAMILIES:
+            get(family)
+
+
+def _echo(config: pytest.Config, text: str) -> None:
+    """Print past pytest's output capture (the golden diff is for the person running it)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + text, flush=True)
 
 
 def tiny_overrides(run_dir: Path, data_dir: Path, **extra: object) -> list[str]:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tests.conftest import scaled_timeout
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -38,8 +40,10 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
 
     ``fn`` must be a module-level function. A failure on any rank raises
-    ``AssertionError`` carrying that rank's traceback.
+    ``AssertionError`` carrying that rank's traceback. ``timeout`` (seconds per rank's
+    answer) is scaled by ``MEGALM_TEST_TIMEOUT_FACTOR``.
     """
+    timeout = scaled_timeout(timeout)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
@@ -60,7 +64,7 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
                 break
     finally:
         for p in procs:
-            p.join(timeout=5 if errors else timeout)
+            p.join(timeout=scaled_timeout(5) if errors else timeout)
             if p.is_alive():
                 p.kill()
     if errors:

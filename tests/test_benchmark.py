@@ -11,7 +11,7 @@ import pytest
 
 from megalm.config import ConfigError, load_config
 from megalm.perf.flops import param_count
-from megalm.perf.memory import Recipe, activation_bytes, deepspeed_fp32_state_bytes
+from megalm.perf.memory import Recipe, activation_bytes, engine_fp32_state_bytes
 from megalm.perf.sweep import SweepSettings, format_table, launch_command, parse_sweep, write_outputs
 from megalm.train.engine import zero_bucket_elements
 from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
@@ -71,7 +71,9 @@ def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
         str(ROOT / "configs" / "tiny.yaml"),
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=900)
+    # Four DeepSpeed-launched configurations of 2 ranks took 2-3 min on a quiet 2-core machine and
+    # over 15 min with two CPU burners beside them (issue 20); the bound only catches a hang.
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=2400)
 
 
 def _fixed(tmp_path: Path, shards_dir: Path) -> list[str]:
@@ -102,10 +104,13 @@ def test_sweep_tp_pp_micro_batch_on_cpu_with_an_impossible_configuration(tmp_pat
     for r in rows[:3]:
         assert r["tokens_per_s_per_device"] > 0 and r["mfu"] > 0 and r["peak_mem_gb"] > 0
         assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["optimizer_s"] > 0
-        # The parts account for the step. Each is a median over steps of its own, and a sum of
-        # medians is not the median of sums, so allow for noise on a loaded 2-core machine.
+        # The phases are disjoint parts of the step, and what they leave out is time in collectives
+        # (pipeline sends/receives waiting for the other stage, gradient reductions). Each number is
+        # a mean over steps and a maximum over ranks, so allow for noise on a loaded 2-core machine.
         parts = r["forward_s"] + r["backward_s"] + r["optimizer_s"]
-        assert 0.5 * r["step_s"] <= parts <= 1.25 * r["step_s"]
+        assert parts <= 1.25 * r["step_s"] and 0.7 * r["step_s"] <= parts + r["comm_s"]
+        if not r["pipelined"]:  # no bubble: the phases hold most of the step
+            assert 0.5 * r["step_s"] <= parts
         assert "6*N_mm + 12*L*T*d" in r["formula"]
     assert rows[0]["comm_s"] > 0  # dp=2 gradient all-reduce
     assert rows[1]["comm_s"] > 0 and rows[2]["comm_s"] > 0  # TP collectives, pipeline send/recv
@@ -116,8 +121,10 @@ def test_sweep_tp_pp_micro_batch_on_cpu_with_an_impossible_configuration(tmp_pat
 
 @pytest.mark.slow
 def test_measured_model_states_and_activations_match_the_memory_model(tmp_path, shards_dir):
-    """Issue 8, must-hold 2: DP=2 under deepspeed, ZeRO 0-3: parameters + gradients + optimizer
-    states within 5% of :func:`deepspeed_fp32_state_bytes`, activations within 25%."""
+    """Issue 8, must-hold 2: DP=2 under the DeepSpeed launcher, ZeRO 0-3: parameters + gradients
+    + optimizer states within 5% of :func:`engine_fp32_state_bytes`, activations within 10% of
+    :func:`activation_bytes` (measured 1.003 of it). Issue 20: the activation figure is the same
+    at every ZeRO stage; ZeRO-3's weights, gathered while a layer saves them, are parameters."""
     out = tmp_path / "bench"
     fixed = _fixed(tmp_path, shards_dir)
     proc = _benchmark(["--out", str(out), "--dp", "2", "--launcher", "deepspeed", "--steps", "1",
@@ -126,16 +133,17 @@ def test_measured_model_states_and_activations_match_the_memory_model(tmp_path, 
     rows = json.loads((out / "results.json").read_text())
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*fixed, "model.vocab_size=512"]).model
     psi = param_count(cfg)
+    act = activation_bytes(cfg, 2, recipe=Recipe.megalm(cfg, "fp32", fused_kernels=False))
     for r in rows:
         stage = int(r["zero.stage"])
         bucket = zero_bucket_elements(psi)
-        predicted = deepspeed_fp32_state_bytes(psi, 2, stage, reduce_bucket_elements=bucket)["total"]
-        measured = r["model_state_bytes"]
-        act = activation_bytes(cfg, 2, recipe=Recipe.megalm(cfg, "fp32", fused_kernels=False))
+        predicted = engine_fp32_state_bytes(psi, 2, stage, reduce_bucket_elements=bucket)["total"]
+        measured, measured_act = r["model_state_bytes"], r["activation_bytes_per_micro_batch"]
         print(f"zero {stage}: states measured {measured:,} predicted {predicted:,.0f} "
-              f"({measured / predicted:.3f}); activations {r['activation_bytes_per_micro_batch']:,} "
-              f"predicted {act:,.0f}")  # fmt: skip
+              f"({measured / predicted:.3f}); activations {measured_act:,} predicted {act:,.0f} "
+              f"({measured_act / act:.3f})")  # fmt: skip
         assert measured == pytest.approx(predicted, rel=0.05)
         if stage == 3:  # the parameter-proportional part alone, without the gradient bucket
             assert measured - 4 * bucket == pytest.approx(predicted - 4 * bucket, rel=0.05)
-        assert r["activation_bytes_per_micro_batch"] == pytest.approx(act, rel=0.25)
+        assert measured_act == pytest.approx(act, rel=0.10)
+        assert measured_act == rows[0]["activation_bytes_per_micro_batch"]  # ZeRO shards no activation

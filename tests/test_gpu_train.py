@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_bf16_cuda_run_learns_and_reports_mfu(shards_dir, tmp_path):
     proc = run_pretrain(
-        tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 30, "training.eval_interval": 30})
+        tiny_overrides(tmp_path, shards_dir, **{"training.max_steps": 30, "training.eval_interval": 30}),
+        cuda=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| bf16" in proc.stdout

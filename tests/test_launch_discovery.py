@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from megalm.train.dist import LaunchError, detect_launcher, discover_ranks, first_host, tasks_on_node
-from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env
+from tests.conftest import PYTHON, ROOT, VENV_BIN, scaled_timeout, subprocess_env
 
 TORCHRUN = {
     "RANK": "1",
@@ -123,21 +124,30 @@ def test_slurm_list_helpers():
     assert first_host("vm") == "vm"
 
 
+# Each rank writes its own record to ``<dir>/<pid>.json`` (the directory is argv[1]): a launcher
+# that merges the ranks' stdout (mpiexec, srun) can interleave or join their lines, and once did
+# (two records on one line in a full CI run); separate files cannot interleave.
 DISCOVER = (
-    "import json; from megalm.train.dist import discover_ranks; print(json.dumps(discover_ranks().__dict__))"
+    "import json, os, sys; from megalm.train.dist import discover_ranks; "
+    "open(os.path.join(sys.argv[1], f'{os.getpid()}.json'), 'w').write(json.dumps(discover_ranks().__dict__))"
 )
 
 
-def ranks_from(cmd: list[str]) -> list[dict]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # mpiexec merges the ranks' stdout and may put two records on one line: find each object.
-    return sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", proc.stdout)), key=str)
+def read_rank_records(out_dir: Path, expected: int) -> list[dict]:
+    """The records :data:`DISCOVER` wrote into ``out_dir``, sorted by rank."""
+    files = sorted(out_dir.glob("*.json"))
+    assert len(files) == expected, f"{len(files)} rank records in {out_dir}, expected {expected}"
+    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
 
 
 @pytest.mark.skipif(not (VENV_BIN / "mpiexec").exists(), reason="no mpiexec: pip install mpich mpi4py")
-def test_mpiexec_discovery_through_mpi4py():
-    ranks = ranks_from([str(VENV_BIN / "mpiexec"), "-n", "2", PYTHON, "-c", DISCOVER])
+def test_mpiexec_discovery_through_mpi4py(tmp_path):
+    cmd = [str(VENV_BIN / "mpiexec"), "-n", "2", PYTHON, "-c", DISCOVER, str(tmp_path)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=scaled_timeout(120)
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ranks = read_rank_records(tmp_path, 2)
     assert [(r["launcher"], r["rank"], r["world_size"], r["local_rank"]) for r in ranks] == [
         ("mpirun", 0, 2, 0),
         ("mpirun", 1, 2, 1),

@@ -1,9 +1,12 @@
 """launch/slurm/ on a real one-node Slurm cluster started on localhost for this module.
 
-``launch/slurm/local_cluster.sh`` installs Debian's slurm-wlm + munge when missing
-(root + apt-get) and starts munged, slurmctld and slurmd under a temporary
-directory; the module's teardown stops them. Where that is impossible the tests
-skip with the script's reason.
+This module changes the machine it runs on: ``launch/slurm/local_cluster.sh``
+installs Debian's slurm-wlm + munge with apt-get when they are missing (as root)
+and starts munged, slurmctld and slurmd (as root, state under a temporary
+directory); the module's teardown stops the daemons, the packages stay. Where that
+is impossible the tests skip with the script's reason, and the skip (or failure)
+message says what the fixture would have done. The jobs train the golden config
+and are compared with the golden curve (tests/golden).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from megalm.train.checkpoint import find_latest
-from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
-from tests.test_launch_discovery import DISCOVER
+from tests.conftest import PYTHON, ROOT, scaled_timeout
+from tests.golden import assert_matches_golden, golden_run_overrides
+from tests.launching import cpu_env
+from tests.test_launch_discovery import DISCOVER, read_rank_records
 from tests.test_preempt import EXIT_PREEMPTED, last_step
 
 pytestmark = pytest.mark.slow
@@ -25,32 +30,45 @@ SCRIPT = ROOT / "launch" / "slurm" / "local_cluster.sh"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 # The script asks for 2 nodes x 8 GPUs x 12 CPUs; the local node has neither.
 LOCAL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
+JOB_STEPS = 30  # past the golden curve's 20, so both jobs are compared with all of it
+CHANGES_THE_MACHINE = (
+    "this fixture installs slurm-wlm and munge with apt-get (as root) when they are missing and "
+    "starts munged, slurmctld and slurmd on this machine (stopped at teardown)"
+)
 
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory) -> dict[str, str]:
     state = tmp_path_factory.mktemp("slurm")
+    limit = scaled_timeout(900)
     try:
         proc = subprocess.run(
-            ["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=900
+            ["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=limit
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("launch/slurm/local_cluster.sh start took more than 15 minutes")
+        pytest.fail(
+            f"launch/slurm/local_cluster.sh start took more than {limit:.0f}s ({CHANGES_THE_MACHINE})"
+        )
     if proc.returncode == 3:
-        pytest.skip(f"no local Slurm cluster: {proc.stderr.strip()}")
-    assert proc.returncode == 0, f"local Slurm cluster did not start:\n{proc.stdout}\n{proc.stderr}"
-    env = subprocess_env() | {
+        pytest.skip(f"no local Slurm cluster: {proc.stderr.strip()} ({CHANGES_THE_MACHINE})")
+    assert proc.returncode == 0, (
+        f"local Slurm cluster did not start ({CHANGES_THE_MACHINE}):\n{proc.stdout}\n{proc.stderr}"
+    )
+    env = cpu_env() | {
         "SLURM_CONF": str(state / "slurm.conf"),
         "MEGALM_PYTHON": PYTHON,
         "MEGALM_DIR": str(ROOT),
         "OMP_NUM_THREADS": "1",
     }
     yield env
-    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=scaled_timeout(60))
 
 
 def slurm(env: dict[str, str], *args: str, timeout: float = 60) -> str:
-    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    """Run a Slurm client command; ``timeout`` is scaled by the timeout factor."""
+    proc = subprocess.run(
+        list(args), capture_output=True, text=True, env=env, cwd=ROOT, timeout=scaled_timeout(timeout)
+    )
     assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
     return proc.stdout
 
@@ -77,6 +95,8 @@ def submit(env: dict[str, str], run_dir: Path, overrides: list[str]) -> str:
 
 
 def wait_done(env: dict[str, str], job: str, timeout: float = 300) -> str:
+    """Until ``job`` ended; ``timeout`` is scaled by the timeout factor."""
+    timeout = scaled_timeout(timeout)
     deadline = time.monotonic() + timeout
     while (state := job_field(env, job, "JobState")) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         if state == "PENDING" and job_field(env, job, "Reason") == "BeginTime":
@@ -92,14 +112,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-def test_srun_discovery(slurm_env):
-    out = slurm(slurm_env, "srun", "-n", "2", "--cpus-per-task=1", PYTHON, "-c", DISCOVER, timeout=120)
-    ranks = sorted(out.split("\n"))
-    assert sum('"launcher": "srun"' in r for r in ranks) == 2
+def test_srun_discovery(slurm_env, tmp_path):
+    slurm(
+        slurm_env, "srun", "-n", "2", "--cpus-per-task=1", PYTHON, "-c", DISCOVER, str(tmp_path), timeout=120
+    )
+    ranks = read_rank_records(tmp_path, 2)
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    assert all(f'"master_addr": "{host}"' in r for r in ranks if r)
-    assert any('"rank": 0, "world_size": 2, "local_rank": 0' in r for r in ranks)
-    assert any('"rank": 1, "world_size": 2, "local_rank": 1' in r for r in ranks)
+    assert [(r["launcher"], r["rank"], r["world_size"], r["local_rank"]) for r in ranks] == [
+        ("srun", 0, 2, 0),
+        ("srun", 1, 2, 1),
+    ]
+    assert all(r["master_addr"] == host for r in ranks)
 
 
 def test_hostfile_from_the_allocation(slurm_env, tmp_path):
@@ -110,13 +133,13 @@ def test_hostfile_from_the_allocation(slurm_env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def straight_and_preempted(slurm_env, shards_dir, tmp_path_factory) -> tuple[Path, Path, str, float]:
-    """Two 2-task sbatch jobs of the same config; the second gets SIGUSR1 mid-run."""
+def straight_and_preempted(slurm_env, golden_data, tmp_path_factory) -> tuple[Path, Path, str, float]:
+    """Two 2-task sbatch jobs of the golden config, 30 steps; the second gets SIGUSR1 mid-run."""
     straight, preempted = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("preempted")
-    extra = {"training.max_steps": 60, "training.sample_tokens": 0}
-    job_a = submit(slurm_env, straight, tiny_overrides(straight, shards_dir, **extra))
-    job_b = submit(slurm_env, preempted, tiny_overrides(preempted, shards_dir, **extra))
-    deadline = time.monotonic() + 300
+    extra = {"training.max_steps": JOB_STEPS, "training.sample_tokens": 0}
+    job_a = submit(slurm_env, straight, golden_run_overrides(straight, golden_data, **extra))
+    job_b = submit(slurm_env, preempted, golden_run_overrides(preempted, golden_data, **extra))
+    deadline = time.monotonic() + scaled_timeout(300)
     while last_step(preempted) < 3:
         assert time.monotonic() < deadline, (preempted / "slurm.out").read_text()[-3000:]
         assert job_field(slurm_env, job_b, "JobState") in ("PENDING", "RUNNING")
@@ -124,7 +147,9 @@ def straight_and_preempted(slurm_env, shards_dir, tmp_path_factory) -> tuple[Pat
     slurm(slurm_env, "scancel", "--signal=USR1", job_b)
     t_signal = time.monotonic()
     while job_field(slurm_env, job_b, "Restarts") == "0":
-        assert time.monotonic() - t_signal < 120, (preempted / "slurm.out").read_text()[-3000:]
+        assert time.monotonic() - t_signal < scaled_timeout(120), (preempted / "slurm.out").read_text()[
+            -3000:
+        ]
         time.sleep(0.2)
     requeue_s = time.monotonic() - t_signal
     assert wait_done(slurm_env, job_a) == "COMPLETED", (straight / "slurm.out").read_text()[-3000:]
@@ -139,8 +164,9 @@ def test_sbatch_two_tasks_trains_and_checkpoints(straight_and_preempted):
     out = (straight / "slurm.out").read_text()
     assert "launcher srun | rank 0/2" in out and "launcher srun | rank 1/2" in out
     assert "srun exited with 0" in out
-    assert sorted(losses(straight)) == list(range(1, 61))
-    assert find_latest(straight / "checkpoints").name == "step_00000060"
+    assert sorted(losses(straight)) == list(range(1, JOB_STEPS + 1))
+    assert find_latest(straight / "checkpoints").name == f"step_{JOB_STEPS:08d}"
+    assert_matches_golden(straight, "llama")  # srun's 2 tasks are dp=2: steps 1-20 within 1e-5
 
 
 def test_sigusr1_checkpoints_requeues_and_resumes_to_equal_losses(straight_and_preempted):
@@ -148,13 +174,15 @@ def test_sigusr1_checkpoints_requeues_and_resumes_to_equal_losses(straight_and_p
     out = (preempted / "slurm.out").read_text()  # --open-mode=append: both runs' output
     assert "(restart 0)" in out and "(restart 1)" in out
     stopped = int(out.split("stopping after step ")[1].split(",")[0])
-    assert 3 <= stopped < 60
+    assert 3 <= stopped < JOB_STEPS
     assert f"preempt | saved step {stopped}" in out or f"step {stopped} is already saved" in out
     assert f"preempt | requeued Slurm job {job}" in out
     assert f"resumed from {preempted}/checkpoints/step_{stopped:08d} at step {stopped}" in out
     assert f"exiting with code {EXIT_PREEMPTED}" in out
     a, b = losses(straight), losses(preempted)
-    assert sorted(b) == list(range(1, 61))
-    assert [b[s] for s in range(stopped + 1, 61)] == [a[s] for s in range(stopped + 1, 61)]  # bitwise
-    assert find_latest(preempted / "checkpoints").name == "step_00000060"
+    after = range(stopped + 1, JOB_STEPS + 1)
+    assert sorted(b) == list(range(1, JOB_STEPS + 1))
+    assert [b[s] for s in after] == [a[s] for s in after]  # bitwise
+    assert_matches_golden(preempted, "llama")  # and the absolute numbers, across the resume if before 20
+    assert find_latest(preempted / "checkpoints").name == f"step_{JOB_STEPS:08d}"
     assert os.path.getsize(preempted / "metrics.jsonl") > 0

@@ -22,9 +22,9 @@ from megalm.parallel import (
 )
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import VocabParallelEmbedding
-from tests.conftest import tiny_overrides
 from tests.distributed import run_distributed
-from tests.launching import assert_losses_equal, run_pretrain, step_losses
+from tests.golden import assert_matches_golden, golden_run_overrides
+from tests.launching import run_pretrain
 
 V = 500  # pads to 512 for tp in {1, 2, 4}: the same weights at every degree
 
@@ -208,25 +208,16 @@ def test_tp_plan_matches_the_model():
 
 
 @pytest.mark.slow
-def test_tp2_dp2_zero1_training_equals_single_process(shards_dir, tmp_path):
-    """10 DeepSpeed steps at TP=2 x DP=2 (ZeRO-1, sequence parallel) == TP=1 x DP=1, same global batch;
-    clipping is active (grad_clip below the gradient norm), so the TP-aware norm is exercised too."""
-    common = {"training.max_steps": 10, "optim.grad_clip": 0.3, "training.sample_tokens": 0}
-    single = run_pretrain(tiny_overrides(tmp_path / "tp1", shards_dir, **common))
-    assert single.returncode == 0, single.stderr[-3000:]
-    run_pretrain(
-        tiny_overrides(
-            tmp_path / "tp2dp2",
-            shards_dir,
-            **common,
-            **{"parallel.tp": 2, "zero.stage": 1, "parallel.sequence_parallel": "true"},
-        ),
-        "deepspeed",
-        4,
-    )
-    assert_losses_equal(step_losses(tmp_path / "tp1"), step_losses(tmp_path / "tp2dp2"), range(1, 11))
-    run_pretrain(tiny_overrides(tmp_path / "tp2", shards_dir, **common, **{"parallel.tp": 2}), "torchrun", 2)
-    assert_losses_equal(step_losses(tmp_path / "tp1"), step_losses(tmp_path / "tp2"), range(1, 11))
+def test_tp2_dp2_zero1_and_tp2_training_match_golden(golden_data, tmp_path):
+    """10 DeepSpeed steps at TP=2 x DP=2 (ZeRO-1, sequence parallel), and TP=2 under torchrun, give the
+    golden TP=1 x DP=1 numbers; clipping is active, so the TP-aware norm is exercised too."""
+    ten = {"training.max_steps": 10}
+    tp2dp2 = {**ten, "parallel.tp": 2, "zero.stage": 1, "parallel.sequence_parallel": "true"}
+    run_pretrain(golden_run_overrides(tmp_path / "tp2dp2", golden_data, **tp2dp2), "deepspeed", 4)
+    assert_matches_golden(tmp_path / "tp2dp2", "llama", range(1, 11))
+    tp2 = {**ten, "parallel.tp": 2}
+    run_pretrain(golden_run_overrides(tmp_path / "tp2", golden_data, **tp2), "torchrun", 2)
+    assert_matches_golden(tmp_path / "tp2", "llama", range(1, 11))
 
 
 @pytest.mark.parametrize(
@@ -254,16 +245,18 @@ def test_invalid_layouts_name_the_values(overrides, message):
 
 
 @pytest.mark.slow
-def test_world_size_mismatch_is_one_line_error_before_any_process_group(shards_dir, tmp_path):
-    proc = run_pretrain(tiny_overrides(tmp_path, shards_dir, **{"parallel.tp": 2}))  # a world of one
+def test_world_size_mismatch_is_one_line_error_before_any_process_group(golden_data, tmp_path):
+    proc = run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"parallel.tp": 2}))  # a world of one
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: tp(2) * pp(1) * dp(1) != world_size(1): the world size must be a multiple of tp * pp = 2"
+        "error: tp(2) * pp(1) * dp(1) != world_size(1): the world size must be a multiple of tp * pp = 2 "
+        "(world size from python: no launcher variables (RANK/WORLD_SIZE, SLURM_PROCID in an srun step, "
+        "OMPI_COMM_WORLD_RANK/PMI_RANK) are set, so this is a world of one)"
     ]
 
 
 def _layer_bytes(rank: int, world: int) -> dict[bool, dict[str, int]]:
-    from megalm.parallel.comm_report import measure_layer_bytes
+    from megalm.perf.comm import measure_layer_bytes
 
     ctx = ParallelContext(ParallelDims.from_world(world, tp=world))
     cfg = ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=4, seq_len=16)
@@ -272,7 +265,7 @@ def _layer_bytes(rank: int, world: int) -> dict[bool, dict[str, int]]:
 
 @pytest.mark.slow
 def test_counted_layer_communication_equals_korthikanti_formula():
-    from megalm.parallel.comm_report import analytic_layer_bytes
+    from megalm.perf.comm import analytic_layer_bytes
 
     measured = run_distributed(2, _layer_bytes)[0]
     for sp in (False, True):

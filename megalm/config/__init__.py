@@ -1,7 +1,7 @@
 """Typed configuration: schema dataclasses, YAML loading, overrides, validation."""
 
 from megalm.config.errors import ConfigError
-from megalm.config.load import apply_override, load_config, save_config, to_dict
+from megalm.config.load import apply_override, config_from_dict, load_config, save_config, to_dict
 from megalm.config.schema import (
     Config,
     DataConfig,
@@ -28,6 +28,7 @@ __all__ = [
     "TrainingConfig",
     "ZeroConfig",
     "apply_override",
+    "config_from_dict",
     "load_config",
     "save_config",
     "to_dict",

@@ -6,6 +6,7 @@ and the fix (closest valid key for a typo, expected type for a wrong value).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -151,6 +152,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file '{p}' is not valid YAML: {e}".replace("\n", " ")) from e
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        apply_override(tree, item)
+    return _build(Config, tree, "")
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A saved config (:func:`to_dict`, e.g. a checkpoint's) plus overrides, validated as
+    :func:`load_config` validates a file."""
+    tree = copy.deepcopy(tree)
     for item in overrides:
         apply_override(tree, item)
     return _build(Config, tree, "")

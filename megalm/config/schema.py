@@ -39,16 +39,23 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    """Decoder-only Transformer shape.
+    """Language model shape.
 
-    ``family`` picks the block recipe:
+    ``family`` picks the recipe:
 
     - ``llama``: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no biases,
       untied output head.
     - ``gpt2``: LayerNorm, learned positions, GELU MLP, biases, tied embeddings.
+    - ``lstm``: the recurrent baseline (``megalm/model/lstm.py``): token embedding ->
+      ``n_layers`` LSTM layers of ``d_model`` units -> linear head, ``dropout`` between
+      them; the attention keys (``n_heads``, ``n_kv_heads``, ``attention``...) are unused.
+
+    ``attention`` picks the attention core of the Transformer families: ``flash``
+    (FlashAttention-2 kernel, SDPA off CUDA) or ``unfused`` (``Q K^T`` -> fused
+    scale-mask-softmax kernel -> ``P V``, Megatron's FusedScaleMaskSoftmax path).
     """
 
-    family: Literal["llama", "gpt2"] = "llama"
+    family: Literal["llama", "gpt2", "lstm"] = "llama"
     vocab_size: int = 0  # 0: take it from the tokenizer named in the data manifest
     n_layers: int = 4
     d_model: int = 256
@@ -62,6 +69,7 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool | None = None  # None: the family's default (gpt2 tied, llama untied)
     kernels: Literal["auto", "triton", "torch"] = "auto"
+    attention: Literal["flash", "unfused"] = "flash"
     vocab_multiple: int = 128  # pad the vocabulary to a multiple of vocab_multiple * parallel.tp
 
     def __post_init__(self) -> None:
@@ -69,6 +77,8 @@ class ModelConfig:
         _positive("model", self, "init_std", "vocab_multiple")
         _non_negative("model", self, "vocab_size", "n_kv_heads", "ffn_hidden")
         require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.family == "lstm":
+            return  # no attention heads
         require(
             self.d_model % self.n_heads == 0,
             f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})",
@@ -133,7 +143,9 @@ class DataConfig:
     ``"0.7:data/web,0.3:data/code"`` (``dir`` still provides the tokenizer and the
     held-out split); empty means train on ``dir`` alone. ``on_bad_data``: ``raise``
     stops on a missing, corrupt or undecodable shard naming the file; ``skip`` leaves
-    it out, logs and counts it (the list is saved in checkpoints).
+    it out, logs and counts it (the list is saved in checkpoints). ``document_mask``: a
+    packed window's tokens attend only within their own document and positions (RoPE,
+    learned) restart at 0 after every EOS (``PackedWindows`` ``with_ids``).
     """
 
     dir: str = "data/stdlib/shards"
@@ -145,6 +157,7 @@ class DataConfig:
     cache_dir: str = ""  # remote dir: where fetched shards are kept ("": $TMPDIR/megalm-cache-<uid>)
     cache_gb: float = 50.0  # remote dir: size bound of the shard cache (least recently used evicted)
     fetch_retries: int = 3  # remote dir: retries of a failed transfer (backoff 0.5 s, 1 s, 2 s, ...)
+    document_mask: bool = False  # packed windows: no attention across documents, positions restart
 
     def __post_init__(self) -> None:
         _non_negative("data", self, "workers")
@@ -176,13 +189,24 @@ class TrainingConfig:
     sample_top_k: int = 20
     recompute: Literal["none", "full"] = "none"  # activation checkpointing of transformer blocks
     recompute_interval: int = 1  # keep the input of every N blocks, recompute the rest
+    # Numerical health (megalm/train/health.py), decided before each optimizer step.
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss or gradient
+    max_skipped_steps: int = 20  # skipped steps (non-finite or spikes) allowed in a run, then stop
+    spike_factor: float = 0.0  # a loss above factor x the running median is a spike (0: off)
+    spike_window: int = 50  # applied steps in the running median
+    on_spike: Literal["skip", "stop", "rollback"] = "skip"
 
     def __post_init__(self) -> None:
         _positive("training", self, "max_steps", "global_batch", "micro_batch", "log_interval")
         _positive("training", self, "eval_interval", "eval_batches", "save_interval", "recompute_interval")
         _positive("training", self, "save_timeout_s")
         _non_negative("training", self, "keep_checkpoints", "sample_tokens", "sample_top_k")
-        _non_negative("training", self, "sample_temperature")
+        _non_negative("training", self, "sample_temperature", "max_skipped_steps")
+        _positive("training", self, "spike_window")
+        require(
+            self.spike_factor == 0 or self.spike_factor > 1,
+            f"training.spike_factor must be 0 (off) or > 1, got {self.spike_factor}",
+        )
 
 
 @dataclass
@@ -245,9 +269,14 @@ class DistConfig:
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: int = 600
+    straggler_factor: float = 1.5  # a rank slower than factor x the median step time is named (0: off)
 
     def __post_init__(self) -> None:
         _positive("dist", self, "timeout_s")
+        require(
+            self.straggler_factor == 0 or self.straggler_factor > 1,
+            f"dist.straggler_factor must be 0 (off) or > 1, got {self.straggler_factor}",
+        )
 
 
 @dataclass
@@ -284,3 +313,10 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
+
+    def __post_init__(self) -> None:
+        require(
+            not (self.data.document_mask and self.model.family == "lstm"),
+            "data.document_mask=true needs an attention model: model.family=lstm reads each window as "
+            "one sequence; use model.family=llama or gpt2, or data.document_mask=false",
+        )

@@ -56,14 +56,18 @@ def same_location(a: str | Path, b: str | Path) -> bool:
     return Path(a) == Path(b)
 
 
-def _check_tokenizer(m: Manifest, path: str, ref: Manifest, ref_path: str) -> None:
-    """Raises DataError if ``m`` was not built with ``ref``'s tokenizer (vocab, EOS, tokenizer.json)."""
+def check_tokenizer(
+    m: Manifest, path: str, ref: Manifest, ref_path: str, role: str = "data.blend dataset"
+) -> None:
+    """Raises DataError if ``m`` was not built with ``ref``'s tokenizer (vocab, EOS, tokenizer.json).
+
+    ``role``/``path`` name the data set in the message, ``ref_path`` the reference one."""
     facts, ref_facts = (m.vocab_size, m.eos_id), (ref.vocab_size, ref.eos_id)
     sha, ref_sha = m.tokenizer_sha256, ref.tokenizer_sha256
     if facts == ref_facts and (not sha or not ref_sha or sha == ref_sha):
         return
     raise DataError(
-        f"data.blend dataset '{path}' was built with another tokenizer than data.dir '{ref_path}' "
+        f"{role} '{path}' was built with another tokenizer than data.dir '{ref_path}' "
         f"(tokenizer.json sha256 {sha[:12] or '?'} vs {ref_sha[:12] or '?'}, vocab {facts[0]} vs "
         f"{ref_facts[0]}, eos {facts[1]} vs {ref_facts[1]}); preprocess both with the same tokenizer"
     )
@@ -108,7 +112,8 @@ def open_train_batches(
     cp_size: int = 1,
 ) -> TrainBatches:
     """The training loader for ``data`` (a ``DataConfig``): ``data.dir`` or the ``data.blend`` mix,
-    each window cut to cp rank ``cp_rank``'s tokens of ``cp_size`` (context parallelism).
+    each window cut to cp rank ``cp_rank``'s tokens of ``cp_size`` (context parallelism); with
+    ``data.document_mask`` its micro-batches carry position and document ids.
 
     Raises:
         DataError: an empty training split or one shorter than a window, a bad shard under
@@ -119,7 +124,7 @@ def open_train_batches(
     windows = []
     for _, path in entries:
         m = manifest if same_location(path, data.dir) else load_manifest(path, data)
-        _check_tokenizer(m, path, manifest, data.dir)
+        check_tokenizer(m, path, manifest, data.dir)
         windows.append(_train_windows(m, path, seq_len, data))
     return TrainBatches(
         windows,
@@ -130,6 +135,7 @@ def open_train_batches(
         dp_size,
         weights=[w for w, _ in entries],
         workers=data.workers,
+        with_ids=data.document_mask,
         cp_rank=cp_rank,
         cp_size=cp_size,
     )

@@ -317,15 +317,17 @@ def eval_batches(
     micro_batch: int,
     dp_rank: int,
     dp_size: int,
+    with_ids: bool = False,
     cp_rank: int = 0,
     cp_size: int = 1,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor, ...]]:
     """The first ``n_samples`` windows (wrapping if fewer), rank ``d`` taking every dp-th, each
     cut to this cp rank's tokens as in training.
 
     ``n_samples`` must be a multiple of ``micro_batch * dp_size`` so every rank runs
-    the same number of forward passes (required under ZeRO-3).
+    the same number of forward passes (required under ZeRO-3). Each micro-batch is
+    (tokens, labels), with ``with_ids`` also (position_ids, doc_ids).
     """
     idx = np.arange(dp_rank, n_samples, dp_size) % len(windows)
-    batches = [windows.batch(idx[i : i + micro_batch]) for i in range(0, len(idx), micro_batch)]
+    batches = [windows.batch(idx[i : i + micro_batch], with_ids) for i in range(0, len(idx), micro_batch)]
     return [tuple(shard_sequence(t, cp_size, cp_rank) for t in b) for b in batches]

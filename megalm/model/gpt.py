@@ -10,6 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from megalm.config import ModelConfig
+from megalm.model.kv_cache import KVCache
 from megalm.model.layers import Block, LayerNorm, make_norm
 from megalm.parallel.context import local_positions
 from megalm.parallel.dropout import dropout
@@ -108,19 +109,22 @@ class Embedding(nn.Module):
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.family == "gpt2" else None
         init_component(self, cfg, seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, position_ids: (B, T) int64 (positions default to ``0..T-1``)."""
         T = tokens.size(1)
         x = self.tok_emb(tokens)  # (B, T, C), or (B, T/tp, C) with SP
         if self.pos_emb is not None:
-            pos = local_positions(T, self.cp_group, tokens.device)  # global positions under cp
+            # positions 0..T-1, or this rank's global positions under cp
+            pos = local_positions(T, self.cp_group, tokens.device) if position_ids is None else position_ids
             if self.sequence_parallel:  # this rank's tokens; the table's gradient is summed over TP
-                pos = pos.chunk(tp_size(self.group))[tp_rank(self.group)]
+                pos = pos.chunk(tp_size(self.group), dim=-1)[tp_rank(self.group)]
             x = x + F.embedding(pos, copy_to_tp(self.pos_emb.weight, self.sp_group))
         return dropout(x, self.cfg.dropout, self.training, self.sp_group, self.cp_group)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp)."""
-        return F.linear(x, self.tok_emb.weight)
+        """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp), or
+        (B, T, V) at tp = 1 (:func:`head_rows`)."""
+        return F.linear(x, head_rows(self.tok_emb.weight, self.cfg, self.group))
 
 
 class FinalNorm(nn.Module):
@@ -135,16 +139,27 @@ class FinalNorm(nn.Module):
         return enter_tp(self.norm(x), self.group, self.sequence_parallel)
 
 
+def head_rows(weight: torch.Tensor, cfg: ModelConfig, tp_group) -> torch.Tensor:
+    """The output head's weight rows that get logits: at tp = 1 only the real vocabulary
+    (``weight[:V]``, a contiguous view: the padded rows cost no matmul columns and the
+    loss reads contiguous logits), under TP the whole shard (the logits of every rank
+    must have one width for the all-gather; the loss drops the padding)."""
+    padded = tp_size(tp_group) > 1 or weight.size(0) == cfg.vocab_size
+    return weight if padded else weight[: cfg.vocab_size]
+
+
 class Head(nn.Module):
-    """Untied output head: (B, T, C) -> local logits (B, T, V_padded/tp), column-parallel."""
+    """Untied output head: (B, T, C) -> local logits (B, T, V_padded/tp), column-parallel;
+    (B, T, V) at tp = 1 (:func:`head_rows`)."""
 
     def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0) -> None:
         super().__init__()
+        self.cfg, self.group = cfg, tp_group
         self.proj = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab(tp_size(tp_group)), False, tp_group)
         init_component(self, cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return F.linear(x, head_rows(self.proj.weight, self.cfg, self.group))
 
 
 class LMLoss:
@@ -230,26 +245,40 @@ class GPT(nn.Module):
         and recompute the rest in the backward (Chen et al. 2016); 0 turns it off."""
         self.recompute_interval = interval
 
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(
+        self, x: torch.Tensor, pos=None, doc_ids=None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         n = self.recompute_interval
         if not (self.training and n > 0):
-            for block in self.blocks:
-                x = block(x)
+            for i, block in enumerate(self.blocks):
+                x = block(x, pos, doc_ids, None if cache is None else cache.layer(i))
             return x
         for start in range(0, len(self.blocks), n):
             group = self.blocks[start : start + n]
 
             def run(h: torch.Tensor, group=group) -> torch.Tensor:
                 for block in group:
-                    h = block(h)
+                    h = block(h, pos, doc_ids)
                 return h
 
             # preserve_rng_state (default) replays the same dropout masks in the recompute
             x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
         return x
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, labels: (B, T) int64. Returns logits (B, T, V) or a scalar loss."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """tokens, labels: (B, T) int64. Returns logits (B, T, V) or a scalar loss.
+
+        position_ids, doc_ids: (B, T) int64 for packed documents (``data.document_mask``) or
+        left-padded prompts: positions restart per document, attention stays inside it.
+        cache: the :class:`KVCache` of incremental decoding (``megalm.model.generate``).
+        """
         B, T = tokens.shape
         if self.cfg.seq_len < T:
             raise ValueError(f"sequence of {T} tokens exceeds model.seq_len={self.cfg.seq_len}")
@@ -257,13 +286,17 @@ class GPT(nn.Module):
         if self.sequence_parallel and T % tp:
             if labels is not None:
                 raise ValueError(f"sequence parallelism needs T ({T}) divisible by tp ({tp})")
-            # Inference on any length (e.g. sampling): right-pad; causal attention keeps the
-            # first T positions independent of the padding.
-            return self.forward(F.pad(tokens, (0, tp - T % tp)))[:, :T]
-        x = self.embed(tokens)  # (B, T, C), or (B, T/tp, C) with SP
-        x = self._run_blocks(x)
+            if cache is not None:
+                raise ValueError("decode with a KV cache under sequence parallelism: use generate.decoding()")
+            # Inference on any length: right-pad (a document of its own); causal attention keeps
+            # the first T positions independent of the padding.
+            pad = [F.pad(t, (0, tp - T % tp)) if t is not None else None for t in (tokens, position_ids)]
+            ids = None if doc_ids is None else F.pad(doc_ids, (0, tp - T % tp), value=-1)
+            return self.forward(pad[0], None, pad[1], ids)[:, :T]
+        x = self.embed(tokens, position_ids)  # (B, T, C), or (B, T/tp, C) with SP
+        x = self._run_blocks(x, position_ids, doc_ids, cache)
         x = self.final_norm(x)  # (B, T, C)
-        logits = self.head(x) if self.head is not None else self.embed.logits(x)  # (B, T, V_padded/tp)
+        logits = self.head(x) if self.head is not None else self.embed.logits(x)  # (B, T, V_padded/tp or V)
         if labels is None:
             return gather_logits(logits, self.group, self.cfg.vocab_size)
         return self.loss(logits, labels)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import flash_attention, layer_norm, rms_norm
+from kernels import flash_attention, layer_norm, rms_norm, unfused_attention, use_triton
 from megalm.config import ModelConfig
+from megalm.model.kv_cache import LayerCache
 from megalm.parallel.context import cp_size, local_positions
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
@@ -20,9 +21,44 @@ from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
 from megalm.parallel.ring import ring_attention
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm's PyTorch path with a hand-written backward (fewer passes than autograd's).
+
+    With ``r = (mean_c x_c^2 + eps)^(-1/2)`` per row and ``y = x r w``:
+    ``dw = sum_n r_n (g x)_n`` and ``dx = r (g w) - x (r^3 / C) sum_c (g x)_c w_c``.
+    Forward: one read for ``r`` (``vector_norm``), two writes for ``y``. Backward: four
+    writes of (N, C) (``g x``, ``g w``, two in place) and two matrix-vector products for the
+    reductions, against about ten passes when autograd differentiates the reference
+    formula (:func:`kernels.rms_norm_reference`). Statistics and products in fp32 (fp64
+    for fp64 input), rounded once to ``x``'s dtype, as the reference does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(compute)  # (..., C)
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # (..., 1)
+        rstd = torch.rsqrt(norm.square_().div_(x.size(-1)).add_(eps))  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).mul_(weight.to(compute)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        compute, C = rstd.dtype, x.size(-1)
+        xf, g, w = x.to(compute).reshape(-1, C), grad.to(compute).reshape(-1, C), weight.to(compute)
+        r = rstd.reshape(-1, 1)  # (N, 1)
+        gx = g * xf  # (N, C)
+        dw = (r.T @ gx).reshape(C)  # sum_n r_n (g x)_n
+        coef = (gx @ w)[:, None] * r.pow(3) / C  # (N, 1): (r^3 / C) sum_c (g x)_c w_c
+        dx = (g * w).mul_(r).addcmul_(xf, coef, value=-1.0)  # (N, C)
+        return dx.reshape(x.shape).to(x.dtype), dw.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * g``.
 
+    Triton kernel where :func:`kernels.use_triton` allows it, else :class:`_RMSNormFunction`.
     ``sp_group``: with sequence parallelism each rank normalizes its own tokens, so
     the gain's gradient is summed over the TP group (:func:`copy_to_tp`).
     """
@@ -33,12 +69,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C) -> (..., C); statistics in fp32 (:func:`kernels.rms_norm`)."""
-        return rms_norm(x, copy_to_tp(self.weight, self.sp_group), self.eps, impl=self.kernels)
+        """x: (..., C) -> (..., C); statistics in fp32."""
+        w = copy_to_tp(self.weight, self.sp_group)
+        if use_triton(self.kernels, x, w, op="norms"):
+            return rms_norm(x, w, self.eps, impl=self.kernels)
+        return _RMSNormFunction.apply(x, w, self.eps)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm (Ba et al. 2016) with gain and bias; ``sp_group`` as in :class:`RMSNorm`."""
+    """LayerNorm (Ba et al. 2016) with gain and bias; ``sp_group`` as in :class:`RMSNorm`.
+
+    Triton kernel where :func:`kernels.use_triton` allows it, else ``F.layer_norm`` (one
+    fused kernel each way, statistics in fp32; the reference formula differentiated by
+    autograd took a dozen passes).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5, sp_group=None, kernels: str = "auto") -> None:
         super().__init__()
@@ -47,9 +91,11 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., C) -> (..., C) (:func:`kernels.layer_norm`)."""
+        """x: (..., C) -> (..., C)."""
         w, b = copy_to_tp(self.weight, self.sp_group), copy_to_tp(self.bias, self.sp_group)
-        return layer_norm(x, w, b, self.eps, impl=self.kernels)
+        if use_triton(self.kernels, x, w, b, op="norms"):
+            return layer_norm(x, w, b, self.eps, impl=self.kernels)
+        return F.layer_norm(x, w.shape, w, b, self.eps)
 
 
 def make_norm(cfg: ModelConfig, sp_group=None) -> nn.Module:
@@ -64,6 +110,8 @@ class Rotary(nn.Module):
 
     For position m and channel pair (i, i + hs/2) with frequency
     ``theta_i = base^(-2i/hs)``: ``x'_i = x_i cos(m theta_i) - x_{i+hs/2} sin(m theta_i)``.
+    Positions are ``0..T-1``, or per token from ``position_ids`` (restarting at each
+    packed document, or offset by the left padding and the KV cache in generation).
     """
 
     def __init__(self, head_size: int, max_len: int, base: float) -> None:
@@ -74,15 +122,28 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, h, T, hs) -> same shape, rotated by position (``positions`` (T,), default 0..T-1)."""
-        T = x.size(-2)
-        if positions is None:
-            cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (B, nh, T, hs), k: (B, nkv, T, hs) -> both rotated by position.
+
+        position_ids: (B, T) int64, or None for ``0..T-1``.
+        """
+        if position_ids is None:
+            T = q.size(-2)
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
         else:
-            cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+            cos, sin = (
+                self.cos[position_ids].unsqueeze(1),
+                self.sin[position_ids].unsqueeze(1),
+            )  # (B, 1, T, hs)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -94,9 +155,29 @@ class Attention(nn.Module):
     one K/V head its query heads use from a replicated ``wk``/``wv`` whose gradient
     is summed over TP.
 
-    Context parallel (``cp_group``): the input holds this rank's tokens of each sequence
-    (:mod:`megalm.parallel.context`); RoPE uses their global positions and the
-    attention is :func:`megalm.parallel.ring.ring_attention` over the cp group.
+    The core ``softmax(q k^T / sqrt(hs) + mask) v`` (:meth:`_attend`) takes one path:
+
+    ========================  ==============================================================
+    path                      when
+    ========================  ==============================================================
+    flash                     ``model.attention=flash``: FlashAttention-2 in Triton on CUDA,
+                              SDPA elsewhere (``model.kernels``)
+    unfused                   ``model.attention=unfused``: ``q k^T`` -> fused scale-mask-softmax
+                              kernel -> ``P v`` (Megatron's FusedScaleMaskSoftmax path)
+    cached decode             generation with a :class:`megalm.model.kv_cache.KVCache` holding
+                              earlier tokens: the new rows against the cache, unfused
+    ========================  ==============================================================
+
+    Every path takes ``doc_ids`` (B, T): a token attends only to tokens of its own
+    document (packed windows, left-padded prompts).
+
+    Context parallel (``cp_group``, training and held-out loss): the input holds this rank's
+    tokens of each sequence (:mod:`megalm.parallel.context`); RoPE takes their global
+    positions (``position_ids`` from the loader, else :func:`local_positions`) and the
+    flash and unfused paths both become :func:`megalm.parallel.ring.ring_attention` over
+    the cp group (same math, blockwise; its blocks use ``model.kernels``' kernels). The
+    cached decode path runs without cp (:func:`megalm.model.decoding` turns it off, every
+    cp rank then computes the whole sequence).
     """
 
     def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False, cp_group=None) -> None:
@@ -122,7 +203,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(C, C, bias, group, sequence_parallel)
         self.wo.residual_proj = True  # scaled init, see GPT._init_weights
         self.rotary = Rotary(hs, cfg.seq_len, cfg.rope_theta) if cfg.family == "llama" else None
-        self.kernels = cfg.kernels
+        self.kernels, self.attention = cfg.kernels, cfg.attention
 
     def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.kv_replicated:
@@ -131,8 +212,21 @@ class Attention(nn.Module):
         b = copy_to_tp(proj.bias, self.group)[self.kv_rows] if proj.bias is not None else None
         return F.linear(x, w, b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape.
+
+        position_ids, doc_ids: (B, T) int64 over the full sequence, or None (positions
+        ``0..T-1``, one document); under cp, of this rank's tokens (positions default to
+        their global ones). cache: this layer's view of a KV cache (generation).
+        """
+        if cache is not None and self.cp_group is not None:
+            raise ValueError("decode with a KV cache under context parallelism: use generate.decoding()")
         x = enter_tp(x, self.group, self.sequence_parallel)  # (B, T, C)
         B, T, _ = x.shape
         hs = self.head_size
@@ -140,16 +234,50 @@ class Attention(nn.Module):
         k = self._kv(self.wk, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
-            pos = None if self.cp_group is None else local_positions(T, self.cp_group, x.device)
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
-        # softmax(q k^T / sqrt(hs) + causal mask) v: FlashAttention-2 in Triton on CUDA, SDPA
-        # elsewhere (model.kernels); GQA without repeating K/V.
-        if self.cp_group is not None:
-            y = ring_attention(q, k, v, self.cp_group, impl=self.kernels)  # (B, nh/tp, T, hs)
-        else:
-            y = flash_attention(q, k, v, causal=True, impl=self.kernels)  # (B, nh/tp, T, hs)
+            if position_ids is None and self.cp_group is not None:  # this rank's global positions
+                position_ids = local_positions(T, self.cp_group, x.device)[None]  # (1, T)
+            q, k = self.rotary(q, k, position_ids)
+        y = self._attend(q, k, v, doc_ids) if cache is None else self._attend_cached(q, k, v, doc_ids, cache)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * hs)  # (B, T, C/tp)
         return self.wo(y)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Causal self-attention of one window: q (B, nh', T, hs), k/v (B, nkv', T, hs) -> (B, nh', T, hs).
+
+        GQA without repeating K/V on every path. Under cp, T is this rank's tokens and the
+        keys of the whole sequence come around the ring.
+        """
+        if self.cp_group is not None:
+            return ring_attention(q, k, v, self.cp_group, doc_ids=doc_ids, impl=self.kernels)
+        if self.attention == "unfused":
+            return unfused_attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.kernels)
+        return flash_attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.kernels)
+
+    def _attend_cached(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """Store the new k/v in the cache; attend the T new queries to every stored key.
+
+        The first call (prefill, empty cache) takes the window path :meth:`_attend`, so
+        its output is the no-cache forward's; later calls (decode, usually T = 1) take
+        :func:`kernels.unfused_attention` with the queries as the last T positions
+        (``q_offset = Tk - T``) and the cache's document ids masking other documents
+        (left padding).
+        """
+        empty = cache.length == 0
+        k_all, v_all, kv_doc_ids = cache.update(k, v)  # (B, nkv', L + T, hs), (B, L + T) or None
+        if empty:
+            return self._attend(q, k, v, doc_ids)
+        return unfused_attention(
+            q, k_all, v_all, causal=True, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids, impl=self.kernels
+        )
 
 
 class MLP(nn.Module):
@@ -190,11 +318,16 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg, self.sp_group)
         self.mlp = MLP(cfg, group, sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
-        x = x + dropout(
-            self.attn(self.attn_norm(x)), self.dropout, self.training, self.sp_group, self.cp_group
-        )
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C), or (B, T/tp, C) with SP -> same shape; the rest as in :meth:`Attention.forward`."""
+        a = self.attn(self.attn_norm(x), position_ids, doc_ids, cache)
+        x = x + dropout(a, self.dropout, self.training, self.sp_group, self.cp_group)
         return x + dropout(
             self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group, self.cp_group
         )

@@ -30,7 +30,8 @@ from megalm.parallel.mappings import tp_rank, tp_size
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, seq_group=None, cp_group=None) -> torch.Tensor:
-    """Inverted dropout ``x * m / (1 - p)``, ``m ~ Bernoulli(1 - p)`` drawn at full shape.
+    """Inverted dropout ``x * (m / (1 - p))``, ``m ~ Bernoulli(1 - p)`` drawn at full shape
+    (the mask is scaled in place, so forward and backward are one multiplication each).
 
     Args:
         x: (B, T, C), or (B, T/tp, C) when ``seq_group`` is the TP group of a
@@ -47,4 +48,4 @@ def dropout(x: torch.Tensor, p: float, training: bool, seq_group=None, cp_group=
     mask = shard_sequence(mask, cp, cp_rank(cp_group))
     if tp > 1:
         mask = mask.chunk(tp, dim=1)[tp_rank(seq_group)]
-    return x * mask / (1.0 - p)
+    return x * mask.div_(1.0 - p)

@@ -168,7 +168,7 @@ class ParallelContext:
         return self.cp_rank + self.dims.cp * self.dp_rank
 
     def as_mpu(self) -> _DeepSpeedMPU:
-        """The ``mpu`` object ``deepspeed.initialize`` expects (data/model-parallel groups)."""
+        """The ``mpu`` object DeepSpeed's ``initialize`` expects (data/model-parallel groups)."""
         return _DeepSpeedMPU(self)
 
 

@@ -25,6 +25,8 @@ pp <= layers        every pipeline stage needs a transformer block; stages may b
                     uneven (DeepSpeed balances ``type:SeededBlock``)
 zero with pp        DeepSpeed's pipeline engine supports ZeRO-0/1 only
 batch               ``global_batch = micro_batch x accumulation x dp``
+lstm split          ``model.family=lstm`` runs with data parallelism and ZeRO only:
+                    no tensor/pipeline/context split, no block recompute
 ==================  =============================================================
 """
 
@@ -88,7 +90,48 @@ def world_problem(world_size: int, tp: int, pp: int, cp: int = 1) -> Problem | N
     )
 
 
+def _lstm_rules(lay: Layout) -> list[Problem]:
+    """The recurrent baseline is replicated whole on every rank (DP and ZeRO shard its states)."""
+    out = []
+    if lay.tp > 1:
+        out.append(
+            Problem(
+                "lstm split",
+                f"parallel.tp={lay.tp} with model.family=lstm: an LSTM layer has no tensor-parallel "
+                "split (each step's gates need the whole hidden state); use parallel.tp=1 (data parallelism "
+                "and ZeRO)",
+            )
+        )
+    if lay.pp > 1:
+        out.append(
+            Problem(
+                "lstm split",
+                f"parallel.pp={lay.pp} with model.family=lstm: the LSTM baseline is not split into pipeline "
+                "stages; use parallel.pp=1 (data parallelism and ZeRO)",
+            )
+        )
+    if lay.cp > 1:
+        out.append(
+            Problem(
+                "lstm split",
+                f"parallel.cp={lay.cp} with model.family=lstm: the recurrence reads the sequence in order, "
+                "so it cannot be split over context-parallel ranks; use parallel.cp=1",
+            )
+        )
+    if lay.recompute != "none":
+        out.append(
+            Problem(
+                "lstm split",
+                f"training.recompute={lay.recompute} with model.family=lstm: activation recompute "
+                "checkpoints transformer blocks; use training.recompute=none",
+            )
+        )
+    return out
+
+
 def _model_rules(m: ModelConfig, lay: Layout) -> list[Problem]:
+    if m.family == "lstm":
+        return _lstm_rules(lay)
     tp, out = lay.tp, []
     if m.n_heads % tp:
         out.append(

@@ -42,7 +42,10 @@ HW_FLOPS_FORMULA = (
 def matmul_params_per_layer(cfg: ModelConfig) -> int:
     """Weights of one block that take part in matmuls (no biases, no norms): ``wq``, ``wo``
     (``d x d``), ``wk``, ``wv`` (``d x d_kv``, GQA-aware) and two (gpt2) or three (SwiGLU)
-    ``d x H`` MLP matrices."""
+    ``d x H`` MLP matrices. LSTM (``model.family=lstm``): the four gates' input and
+    recurrent matrices, ``4 (d x d + d x d)`` (Hochreiter & Schmidhuber 1997)."""
+    if cfg.family == "lstm":
+        return 8 * cfg.d_model * cfg.d_model
     d, kv = cfg.d_model, cfg.kv_heads * cfg.head_size
     return 2 * d * d + 2 * d * kv + (3 if cfg.family == "llama" else 2) * d * cfg.ffn_size
 
@@ -53,6 +56,8 @@ def param_count(cfg: ModelConfig, tp: int = 1) -> int:
     d, V, L = cfg.d_model, cfg.padded_vocab(tp), cfg.n_layers
     kv, H = cfg.kv_heads * cfg.head_size, cfg.ffn_size
     per_layer = matmul_params_per_layer(cfg)
+    if cfg.family == "lstm":  # megalm.model.lstm.LSTMLM: two bias vectors of 4 d per layer
+        return V * d + L * (per_layer + 8 * d) + (0 if cfg.tied else V * d)
     if cfg.family == "gpt2":
         per_layer += 2 * d + 2 * kv  # attention biases: wq, wo (d each), wk, wv (kv each)
         per_layer += H + d  # MLP biases
@@ -73,9 +78,10 @@ def head_params(cfg: ModelConfig, tp: int = 1) -> int:
 def model_flops_per_token(cfg: ModelConfig, causal: bool = False) -> float:
     """Training model FLOPs per token: ``6 N_mm + 12 L T d`` (``6 L T d`` if ``causal``),
     ``N_mm = L * matmul_params_per_layer + V_padded * d`` (the padded head columns are
-    computed too). The one FLOPs count behind every MFU megalm prints."""
+    computed too). The one FLOPs count behind every MFU megalm prints. An LSTM has no
+    attention term (``6 N_mm``)."""
     n_mm = cfg.n_layers * matmul_params_per_layer(cfg) + head_params(cfg)
-    attn = 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    attn = 0 if cfg.family == "lstm" else 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
     return 6.0 * n_mm + (attn / 2 if causal else attn)
 
 

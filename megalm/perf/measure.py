@@ -1,9 +1,10 @@
-"""Measuring what the analytic models predict: activation bytes, model-state bytes, collective time.
+"""Measuring what the analytic models predict: activation bytes, model-state bytes, step time.
 
 - Activation bytes: every tensor autograd saves for the backward during one
   forward (``torch.autograd.graph.saved_tensors_hooks``), counted once per storage,
-  parameters and buffers excluded. This is the memory a forward pins until its
-  backward runs, the quantity of Korthikanti et al. 2022, section 4.
+  parameters (also ZeRO-3's temporarily gathered ones) and buffers excluded. This is
+  the memory a forward pins until its backward runs, the quantity of Korthikanti et
+  al. 2022, section 4. ``launch/bench_recompute.py`` and the benchmark both use it.
 - Model-state bytes: every live tensor storage in the process (found through the
   garbage collector, plus each parameter's ``.grad``, which has no Python object
   until touched), minus module buffers. Taken after the backward of an optimizer
@@ -13,6 +14,8 @@
   which DeepSpeed and megalm's TP layers both call. Gloo collectives are
   synchronous, so on CPU this is the full time; for ``async_op=True`` calls and on
   NCCL only the launch is timed unless the caller synchronizes.
+- Step time in phases: :class:`StepTimer` is the timing hook the trainer's own step
+  (``Strategy.train_step(micro_batches, timer)``) reports its phases to.
 """
 
 from __future__ import annotations
@@ -95,16 +98,24 @@ def saved_activation_bytes(model: nn.Module, enabled: bool = True) -> Iterator[d
     """Count the bytes autograd saves for backward inside the ``with`` block.
 
     Yields a dict whose ``"bytes"`` is filled when the block exits: the sum over
-    distinct storages of saved tensors that are not parameters or buffers of ``model``.
+    distinct storages of saved tensors that are neither buffers of ``model`` nor the
+    storage of one of its parameters *at the moment the tensor is saved*. The second
+    test matters under ZeRO-3: a layer saves its weight while the weight is gathered
+    into a temporary full-size storage, which DeepSpeed frees after the layer (the
+    saved parameter keeps no reference to it and is gathered again for the
+    backward). Counting those storages would add whichever gathered weights happen to
+    have distinct addresses, a figure that moves with allocator timing.
     """
-    excluded = {_storage_key(p)[0] for p in model.parameters()}
-    excluded |= {_storage_key(b)[0] for b in model.buffers()}
+    buffers = {_storage_key(b)[0] for b in model.buffers()}
+    params = list(model.parameters())
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         ptr, nbytes = _storage_key(t)
-        if ptr not in excluded and ptr != 0:
-            seen[ptr] = max(seen.get(ptr, 0), nbytes)
+        if ptr in seen:
+            seen[ptr] = max(seen[ptr], nbytes)
+        elif ptr and ptr not in buffers and ptr not in {_storage_key(p)[0] for p in params}:
+            seen[ptr] = nbytes  # ^ the parameters' storages now, not when the block began
         return t
 
     out = {"bytes": 0}
@@ -147,3 +158,88 @@ def live_tensor_bytes(model: nn.Module, device: torch.device | None = None) -> i
         if p.grad is not None:
             add(p.grad)
     return sum(storages.values())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """The benchmark's timing hook for ``Strategy.train_step`` (a ``megalm.train.step.PhaseTimer``).
+
+    Between :meth:`begin` and :meth:`end` (one optimizer step) it sums the seconds of each
+    ``forward``, ``backward`` and ``optimizer`` phase the step reports, each closed by a
+    device synchronize; :meth:`end` adds the step's wall time and the time spent in
+    collectives (:class:`CommTimer`, which overlaps the phases). Steps passed to
+    :meth:`end` with ``timed=False`` (warm-up) count in no total.
+
+    Memory is measured on request, in steps that should not be timed:
+    ``activations=True`` counts the bytes saved by the step's first forward phase
+    (:func:`saved_activation_bytes`, one micro-batch); ``states=True`` takes
+    :func:`live_tensor_bytes` before the step's last optimizer phase (the accumulation
+    boundary: the gradients are complete) and after the step (the optimizer states
+    exist), keeping the larger. Earlier optimizer phases of a plain step fall inside
+    gradient accumulation, where DeepSpeed's ZeRO 1-2 also hold transient gradient
+    buffers that the model-state formula leaves out.
+    """
+
+    PHASES = ("forward", "backward", "optimizer")
+
+    def __init__(self, model: nn.Module, device: torch.device, comm: CommTimer) -> None:
+        self.model, self.device, self.comm = model, device, comm
+        self.totals = dict.fromkeys((*self.PHASES, "comm", "step"), 0.0)
+        self.steps = 0
+        self.activation_bytes: int | None = None
+        self.state_bytes = 0
+        self._before_update = 0
+        self._current = dict.fromkeys(self.PHASES, 0.0)
+        self._activations = self._states = False
+        self._t0 = 0.0
+
+    def begin(self, activations: bool = False, states: bool = False) -> None:
+        """Start one optimizer step (after its batches are loaded)."""
+        self._activations, self._states = activations, states
+        self._current = dict.fromkeys(self.PHASES, 0.0)
+        synchronize(self.device)
+        self.comm.take()
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one phase of the step; ``name`` is ``forward``, ``backward`` or ``optimizer``."""
+        if name == "optimizer" and self._states:  # the last one of the step counts
+            self._before_update = live_tensor_bytes(self.model, self.device)
+        measuring = name == "forward" and self._activations
+        self._activations &= not measuring
+        with saved_activation_bytes(self.model, enabled=measuring) as saved:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                synchronize(self.device)
+                self._current[name] += time.perf_counter() - t0
+        if measuring:
+            self.activation_bytes = saved["bytes"]
+
+    def end(self, timed: bool) -> None:
+        """Close the step; add it to the totals when ``timed``."""
+        synchronize(self.device)
+        step_s = time.perf_counter() - self._t0
+        comm_s = self.comm.take()
+        if self._states:
+            after = live_tensor_bytes(self.model, self.device)
+            self.state_bytes = max(self.state_bytes, self._before_update, after)
+        if timed:
+            for name, seconds in self._current.items():
+                self.totals[name] += seconds
+            self.totals["comm"] += comm_s
+            self.totals["step"] += step_s
+            self.steps += 1
+
+    def mean_seconds(self) -> dict[str, float]:
+        """``{"forward_s", "backward_s", "optimizer_s", "comm_s", "step_s"}`` per timed step."""
+        if not self.steps:
+            raise ValueError("no timed step: call end(timed=True) at least once")
+        return {f"{name}_s": total / self.steps for name, total in self.totals.items()}

@@ -81,7 +81,7 @@ def zero_model_state_bytes(
     return {"params": p, "grads": g, "optimizer": o, "total": p + g + o}
 
 
-def deepspeed_fp32_state_bytes(
+def engine_fp32_state_bytes(
     params: float, dp: int, stage: int, reduce_bucket_elements: float = 5e8
 ) -> dict[str, float]:
     """What DeepSpeed 0.16-0.19 keeps per rank for fp32 training with Adam, after a backward.

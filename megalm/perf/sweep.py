@@ -1,7 +1,7 @@
 """A throughput sweep: one launcher job per configuration, results as CSV, JSON and plots.
 
 Each configuration is a separate job of :mod:`megalm.perf.worker` started by a launcher
-(``python`` for one process; ``torchrun``, ``deepspeed`` or ``srun`` for several), so
+(``python`` for one process; ``torchrun``, the DeepSpeed launcher or ``srun`` for several), so
 every configuration gets fresh processes and its own process group, and a crash or
 out-of-memory kills only that job. The number of processes is ``tp * cp * pp * dp``
 (``dp`` from ``--dp``) unless ``--nproc`` fixes it. A configuration that fails
@@ -15,8 +15,6 @@ import csv
 import itertools
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megalm.config import ConfigError
+from megalm.train.launchers import launch_command as launch_command_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,12 +72,6 @@ def parse_sweep(items: list[str], zipped: bool = False) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _int(overrides: dict[str, str], key: str, default: int) -> int:
     try:
         return int(overrides.get(key, default))
@@ -92,7 +85,7 @@ class SweepSettings:
 
     config: str
     out: Path
-    launcher: str = "auto"  # auto | python | torchrun | deepspeed | srun
+    launcher: str = "auto"  # auto (python for one process, else torchrun) or one of launchers.LAUNCHERS
     dp: int = 1
     nproc: int = 0  # 0: tp * cp * pp * dp
     steps: int = 5
@@ -101,30 +94,16 @@ class SweepSettings:
 
 
 def launch_command(s: SweepSettings, overrides: list[str], nproc: int, out: Path) -> list[str]:
-    """The command line that runs one configuration on ``nproc`` processes."""
+    """The command line that runs one configuration on ``nproc`` processes
+    (:func:`megalm.train.launchers.launch_command`, the one owner of launcher flags)."""
     worker = ["--config", s.config, "--out", str(out), "--steps", str(s.steps), "--warmup", str(s.warmup)]
     launcher = s.launcher
     if launcher == "auto":
         launcher = "python" if nproc == 1 else "torchrun"
-    bin_dir = Path(sys.executable).parent
-    if launcher == "python":
-        if nproc != 1:
-            raise ConfigError(f"--launcher python runs one process; this configuration needs {nproc}")
-        return [sys.executable, "-m", "megalm.perf.worker", *worker, *overrides]
-    if launcher == "torchrun":
-        run = shutil.which("torchrun", path=str(bin_dir)) or "torchrun"
-        port = str(_free_port())
-        return [run, "--nproc_per_node", str(nproc), "--master_port", port,
-                "-m", "megalm.perf.worker", *worker, *overrides]  # fmt: skip
-    if launcher == "deepspeed":
-        run = shutil.which("deepspeed", path=str(bin_dir)) or "deepspeed"
-        port = str(_free_port())
-        return [run, "--num_gpus", str(nproc), "--master_port", port, "--module",
-                "megalm.perf.worker", *worker, *overrides]  # fmt: skip
-    if launcher == "srun":
-        return ["srun", "--ntasks", str(nproc), "--kill-on-bad-exit=1", sys.executable, "-m",
-                "megalm.perf.worker", *worker, *overrides]  # fmt: skip
-    raise ConfigError(f"unknown launcher '{launcher}'; use auto, python, torchrun, deepspeed or srun")
+    try:
+        return launch_command_for(launcher, nproc, ["-m", "megalm.perf.worker", *worker, *overrides])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _env() -> dict[str, str]:

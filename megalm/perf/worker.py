@@ -1,14 +1,18 @@
-"""One benchmark configuration: build the trainer's engine, time steps in parts, measure memory.
+"""One benchmark configuration: the trainer's own step, timed in phases, and its memory.
 
     python -m megalm.perf.worker --config C.yaml --out DIR [--steps 5 --warmup 2] [key=value ...]
-    torchrun --nproc_per_node N -m megalm.perf.worker ...      (also deepspeed, srun)
+    torchrun --nproc_per_node N -m megalm.perf.worker ...      (also the DeepSpeed launcher, srun)
 
 Builds exactly what ``launch/pretrain.py`` builds (:class:`megalm.train.trainer.Trainer`:
-layout checks, data, model, DeepSpeed engine), so a configuration the trainer refuses
-fails here with the trainer's message. Each optimizer step is timed in parts, with a
-device synchronize around each: forward, backward, optimizer (``engine.step``), and the
-time inside ``torch.distributed`` collectives (:class:`megalm.perf.measure.CommTimer`),
-which overlaps the other three. ``--warmup`` steps are excluded from every number.
+layout checks, data, model, engine, step strategy), so a configuration the trainer
+refuses fails here with the trainer's message, and runs the trainer's step,
+``trainer.strategy.train_step(micro_batches, timer)``, with
+:class:`megalm.perf.measure.StepTimer` as the timing hook: forward, backward and
+optimizer phases (device-synchronized), the whole step, and the time inside
+``torch.distributed`` collectives (which overlaps the phases). ``--warmup`` steps are
+excluded from every number; memory is measured in them (activations in the first,
+model states in the second). MFU is :func:`megalm.perf.flops.utilization` with the
+peak of :func:`megalm.perf.devices.peak_flops`, as the trainer logs it.
 Rank 0 writes ``DIR/result.json`` (``status``: ``ok``, ``failed`` or ``oom``).
 """
 
@@ -19,7 +23,6 @@ import json
 import os
 import socket
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,52 +30,10 @@ from typing import Any
 import torch
 
 from megalm.config import Config, load_config, to_dict
-from megalm.perf.devices import measure_cpu_peak_flops, peak_flops
+from megalm.perf.devices import peak_flops
 from megalm.perf.flops import utilization
-from megalm.perf.measure import CommTimer, live_tensor_bytes, saved_activation_bytes
+from megalm.perf.measure import CommTimer, StepTimer
 from megalm.train.metrics import memory_gb
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-class PipelineTimer:
-    """Times DeepSpeed pipeline instructions (forward, backward, optimizer) of one engine.
-
-    ``PipelineEngine`` dispatches each schedule instruction through the class-level
-    ``_INSTRUCTION_MAP``; an instance-level copy with timed wrappers shadows it.
-    Sends/receives and gradient reductions go through ``torch.distributed`` and are
-    counted by :class:`CommTimer`.
-    """
-
-    PARTS = {"ForwardPass": "forward_s", "BackwardPass": "backward_s", "OptimizerStep": "optimizer_s"}
-
-    def __init__(self, engine, device: torch.device) -> None:
-        self.seconds: dict[str, float] = {}
-        timed = {}
-        for instr, fn in type(engine)._INSTRUCTION_MAP.items():
-            part = self.PARTS.get(instr.__name__)
-            timed[instr] = fn if part is None else self._wrap(fn, part, device)
-        engine._INSTRUCTION_MAP = timed
-
-    def _wrap(self, fn, part: str, device: torch.device):
-        def run(engine, *args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(engine, *args, **kwargs)
-            _sync(device)
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
-            return out
-
-        return run
-
-    def reset(self) -> None:
-        self.seconds = {}
 
 
 def _per_node(step_s: float, mem_gb: float, world_size: int) -> dict[str, dict[str, float]]:
@@ -91,6 +52,26 @@ def _per_node(step_s: float, mem_gb: float, world_size: int) -> dict[str, dict[s
     return nodes
 
 
+def _max_over_ranks(values: list[float], world_size: int) -> list[float]:
+    """Element-wise maximum over every rank (collective when ``world_size > 1``)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if world_size > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def time_steps(trainer, steps: int, warmup: int, comm: CommTimer) -> StepTimer:
+    """Run ``warmup + steps`` optimizer steps of the trainer's strategy under a :class:`StepTimer`."""
+    timer = StepTimer(trainer.engine.module, trainer.info.device, comm)
+    pipelined = trainer.cfg.parallel.pp > 1  # 1F1B interleaves micro-batches: no per-forward figure
+    for i in range(warmup + steps):
+        micro_batches = trainer.batches.step_batches()
+        timer.begin(activations=i == 0 and not pipelined, states=i == 1)
+        trainer.strategy.train_step(micro_batches, timer)
+        timer.end(timed=i >= warmup)
+    return timer
+
+
 def run_config(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
     """Time ``steps`` optimizer steps after ``warmup`` untimed ones; every rank must call it.
 
@@ -98,77 +79,27 @@ def run_config(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
     """
     comm = CommTimer()
     comm.install()  # before DeepSpeed captures torch.distributed functions
-    from megalm.train.pipeline import pipeline_train_step
-    from megalm.train.trainer import Trainer
+    try:
+        from megalm.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    engine, info, device = trainer.engine, trainer.info, trainer.info.device
-    cfg = trainer.cfg
-    parts = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0, "comm_s": 0.0, "step_s": 0.0}
-    state_bytes, act_bytes = 0, 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        trainer = Trainer(cfg)
+        timer = time_steps(trainer, steps, warmup, comm)
+    finally:
+        comm.uninstall()
+    info, cfg = trainer.info, trainer.cfg
+    mine = timer.mean_seconds()
+    parts = dict(zip(mine, _max_over_ranks(list(mine.values()), info.world_size), strict=True))
     pipelined = cfg.parallel.pp > 1
-    pipe_timer = PipelineTimer(engine, device) if pipelined else None
-    for i in range(warmup + steps):
-        batches = trainer.batches.step_batches()
-        _sync(device)
-        comm.take()
-        t_step = time.perf_counter()
-        if pipe_timer is not None:
-            pipe_timer.reset()
-            pipeline_train_step(engine, batches)
-            _sync(device)
-            if i >= warmup:
-                for k, v in pipe_timer.seconds.items():
-                    parts[k] += v
-        else:
-            for j, (x, y) in enumerate(batches):
-                x, y = x.to(device), y.to(device)
-                t0 = time.perf_counter()
-                with saved_activation_bytes(engine.module, enabled=i == 0 and j == 0) as saved:
-                    loss = engine(x, y)
-                _sync(device)
-                t1 = time.perf_counter()
-                engine.backward(loss)
-                _sync(device)
-                t2 = time.perf_counter()
-                if i == 0 and j == 0:
-                    act_bytes = saved["bytes"]
-                if i == 1 and j == len(batches) - 1:  # states exist from step 0; gradients are live now
-                    state_bytes = max(state_bytes, live_tensor_bytes(engine.module, device))
-                engine.step()
-                _sync(device)
-                t3 = time.perf_counter()
-                if i >= warmup:
-                    parts["forward_s"] += t1 - t0
-                    parts["backward_s"] += t2 - t1
-                    parts["optimizer_s"] += t3 - t2
-        if i >= warmup:
-            parts["step_s"] += time.perf_counter() - t_step
-            parts["comm_s"] += comm.take()
-        if i == 1:
-            state_bytes = max(state_bytes, live_tensor_bytes(engine.module, device))
-    comm.uninstall()
-    times = torch.tensor([parts[k] / steps for k in parts], dtype=torch.float64)
-    mem = torch.tensor([state_bytes, act_bytes], dtype=torch.float64)
-    if info.world_size > 1:
-        torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    step_parts = dict(zip(parts, times.tolist(), strict=True))
-    per_node = _per_node(parts["step_s"] / steps, memory_gb(device), info.world_size)
-
+    memory = [timer.state_bytes, timer.activation_bytes or 0]
+    state_bytes, act_bytes = _max_over_ranks(memory, info.world_size)
     m, t = cfg.model, cfg.training
-    tokens_per_s = t.global_batch * m.seq_len / step_parts["step_s"]
-    peak, source = peak_flops(device)
-    if device.type == "cpu":  # the trainer's one measurement is easily low on a busy machine: best of two
-        peak = max(peak, measure_cpu_peak_flops(repeats=20))
-    u = utilization(m, tokens_per_s, info.world_size, peak, source, t.recompute)
+    tokens_per_s = t.global_batch * m.seq_len / parts["step_s"]
+    u = utilization(m, tokens_per_s, info.world_size, *peak_flops(info.device), t.recompute)
     return {
         "status": "ok",
         "world_size": info.world_size,
         "launcher": info.launcher,
-        "device": str(device),
+        "device": str(info.device),
         "dp": trainer.dp,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_device": u.tokens_per_s_per_device,
@@ -182,15 +113,18 @@ def run_config(cfg: Config, steps: int, warmup: int) -> dict[str, Any]:
         "formula": u.formula() + f"; training.recompute={t.recompute}",
         "recompute": t.recompute,
         "pipelined": pipelined,
-        **step_parts,
-        "peak_mem_gb": memory_gb(device),
-        "model_state_bytes": int(mem[0]),
-        # not measured through the pipeline engine (its schedule interleaves micro-batches)
-        "activation_bytes_per_micro_batch": None if pipelined else int(mem[1]),
-        "per_node": per_node,
+        **parts,
+        "peak_mem_gb": memory_gb(info.device),
+        "model_state_bytes": int(state_bytes),
+        "activation_bytes_per_micro_batch": None if pipelined else int(act_bytes),
+        "per_node": _per_node(mine["step_s"], memory_gb(info.device), info.world_size),
         "steps_timed": steps,
         "warmup_steps": warmup,
     }
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Training: the only package that talks to DeepSpeed."""
 
-from megalm.train.trainer import Trainer, TrainResult, pretrain
+from megalm.train.trainer import CollectiveError, Trainer, TrainResult, pretrain
 
-__all__ = ["TrainResult", "Trainer", "pretrain"]
+__all__ = ["CollectiveError", "TrainResult", "Trainer", "pretrain"]

@@ -127,6 +127,8 @@ class Checkpointer:
         self.writers = assign_writers(self.params, ctx.dp_cp)
         self.pending: BackgroundSave | None = None
         self.staging: dict[str, torch.Tensor] = {}  # host copies of the state, reused by every save
+        self.extra: dict[str, Any] = {}  # more metadata saved with every tag (e.g. health counters)
+        self.meta: dict[str, Any] = {}  # the metadata of the tag last loaded
 
     def _log(self, msg: str) -> None:
         if self.rank == 0:
@@ -143,18 +145,26 @@ class Checkpointer:
         t = self.cfg.training
         if t.resume == "never":
             return 0
-        auto = t.resume == "auto"
-        candidates = resume_candidates(self.dir) if auto else [Path(t.resume)]
-        for i, path in enumerate(candidates):
+        if t.resume != "auto":
+            path = Path(t.resume)
             problem = _agreed_problem(self._check(path))
-            if problem is None:
-                return self._load(path)
-            if not auto:
+            if problem is not None:
                 raise CheckpointError(
                     f"{problem}; pass another tag with training.resume=PATH, or training.resume=auto "
                     "to resume from the newest tag that verifies"
                 )
-            if not t.resume_fallback:
+            return self._load(path)
+        return self.load_latest() or 0
+
+    def load_latest(self) -> int | None:
+        """Collective: restore the newest tag that verifies (``resume=auto``, and a health
+        rollback), saying which newer ones it skipped and why; ``None`` when there is none."""
+        candidates = resume_candidates(self.dir)
+        for i, path in enumerate(candidates):
+            problem = _agreed_problem(self._check(path))
+            if problem is None:
+                return self._load(path)
+            if not self.cfg.training.resume_fallback:
                 raise CheckpointError(
                     f"{problem}; training.resume_fallback=false: restore or remove {path.name}, or set "
                     "training.resume_fallback=true to resume from the newest tag that verifies"
@@ -166,7 +176,12 @@ class Checkpointer:
                 f"no checkpoint in '{self.dir}' verifies (see the skipped tags above); restore their "
                 "files or start fresh with training.resume=never"
             )
-        return 0
+        return None
+
+    def latest_tag(self) -> str | None:
+        """The name of the newest complete tag (what :meth:`load_latest` tries first), or ``None``."""
+        path = find_latest(self.dir)
+        return None if path is None else path.name
 
     def _check(self, path: Path) -> str | None:
         """This rank's share of the verification of tag ``path`` (``None``: fine so far)."""
@@ -198,6 +213,7 @@ class Checkpointer:
         if meta.get("data") is not None:
             self.batches.load_state_dict(meta["data"])
         self._restore_rng(path, meta)
+        self.meta = meta
         self._log(f"resumed from {path} at step {meta['step']}")
         return int(meta["step"])
 
@@ -309,4 +325,5 @@ class Checkpointer:
             "world_size": self.world,
             "layout": self.layout,
             "config": to_dict(self.cfg),
+            **self.extra,
         }

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megalm.config import Config
+from megalm.config import Config, ConfigError
 from megalm.perf.flops import param_count
 from megalm.train.optim import make_optimizer, make_scheduler
 
@@ -21,6 +21,27 @@ def resolve_dtype(cfg: Config, device: torch.device) -> str:
     if cfg.precision.dtype != "auto":
         return cfg.precision.dtype
     return "bf16" if device.type == "cuda" else "fp32"
+
+
+def check_precision(cfg: Config) -> None:
+    """Refuse a ``precision.dtype`` DeepSpeed cannot run on this machine's device (fp16 on
+    CPU: its sanity check would raise deep inside ``deepspeed.initialize``).
+
+    Raises:
+        ConfigError: naming the dtype, the device and what to use instead.
+    """
+    dtype = cfg.precision.dtype
+    if dtype not in ("fp16", "bf16"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not (acc.is_fp16_supported() if dtype == "fp16" else acc.is_bf16_supported()):
+        other = "bf16 or fp32" if dtype == "fp16" and acc.is_bf16_supported() else "fp32"
+        raise ConfigError(
+            f"precision.dtype={dtype} is not supported by DeepSpeed on this machine's "
+            f"{acc.device_name()} device; use precision.dtype={other} here, or run on a CUDA GPU"
+        )
 
 
 def gradient_accumulation(cfg: Config, dp: int) -> int:

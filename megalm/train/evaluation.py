@@ -8,7 +8,7 @@ import torch
 
 from megalm.config import Config
 from megalm.data import eval_batches
-from megalm.model import generate
+from megalm.model import Sampling, decoding, generate
 from megalm.parallel import ParallelContext
 from megalm.train.metrics import MetricsLog
 from megalm.train.strategy import Strategy
@@ -46,9 +46,9 @@ class Evaluator:
             return None
         t = self.cfg.training
         n = t.eval_batches * t.global_batch
-        c = self.ctx
+        c, ids = self.ctx, self.cfg.data.document_mask
         loss = self.strategy.eval_loss(
-            eval_batches(self.val_windows, n, t.micro_batch, c.dp_rank, c.dp, c.cp_rank, c.cp)
+            eval_batches(self.val_windows, n, t.micro_batch, c.dp_rank, c.dp, ids, c.cp_rank, c.cp)
         )
         self.last_step, self.last_loss = step, loss
         if self.log is not None:
@@ -58,17 +58,27 @@ class Evaluator:
 
 
 @torch.no_grad()
-def sample_text(cfg: Config, strategy: Strategy, tokenizer_file: Path, device: torch.device) -> str:
-    """A short continuation of ``training.sample_prompt`` (every rank runs it; ZeRO-3 safe)."""
+def sample_text(
+    cfg: Config, strategy: Strategy, tokenizer_file: Path, eos_id: int, device: torch.device
+) -> str:
+    """A continuation of ``training.sample_prompt`` (up to ``training.sample_tokens``, stopping at
+    EOS) through the KV cache. Collective: every rank runs it (TP, PP and ZeRO-3 alike)."""
     from tokenizers import Tokenizer
 
-    t = cfg.training
+    t, seq_len = cfg.training, cfg.model.seq_len
     tok = Tokenizer.from_file(str(tokenizer_file))
-    prompt = torch.tensor([tok.encode(t.sample_prompt).ids or [0]], device=device)
+    prompt = tok.encode(t.sample_prompt).ids or [eos_id]
     gen = torch.Generator(device).manual_seed(cfg.run.seed)
-    strategy.engine.eval()
-    out = generate(
-        strategy.logits, prompt, t.sample_tokens, cfg.model.seq_len, t.sample_temperature, t.sample_top_k, gen
-    )
-    strategy.engine.train()
-    return tok.decode(out[0].tolist())
+    sampling = Sampling(t.sample_temperature, t.sample_top_k)
+    with decoding(strategy.module):
+        new = generate(
+            strategy.lm,
+            [prompt],
+            min(t.sample_tokens, seq_len - 1),
+            seq_len,
+            sampling,
+            gen,
+            eos_id,
+            device=device,
+        )[0]
+    return tok.decode(prompt + new)

@@ -7,6 +7,7 @@ What goes into a record is decided by :mod:`megalm.train.progress`; MFU comes fr
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,21 @@ class MetricsLog:
             pass
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` so a resumed run does not log steps twice."""
+        """Drop records past ``step`` so a resumed run does not log steps twice, and repair
+        a torn last line (a kill mid-write): dropped and noted, never a reason to refuse."""
         if not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        records, torn = parse_metrics(self.path.read_text(errors="replace"))
+        for line_no, text in torn:
+            print(
+                f"metrics | dropped unreadable line {line_no} of {self.path} ({len(text)} characters, "
+                "a record torn by a kill mid-write)",
+                flush=True,
+            )
+        keep = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -61,6 +68,24 @@ class MetricsLog:
             self._tb.close()
 
 
+def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """``metrics.jsonl`` text -> (records, [(1-based line number, text) of unreadable lines])."""
+    records, torn = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn.append((i, line))
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append((i, line))
+    return records, torn
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All readable records of a ``metrics.jsonl`` (a torn last line from a kill is left out)."""
+    return parse_metrics(path.read_text(errors="replace"))[0]

@@ -1,6 +1,6 @@
 """Does a checkpoint hold the model this run builds? One sentence naming what differs.
 
-The expected tensors come from :class:`megalm.model.GPT` itself, built on the ``meta``
+The expected tensors come from the model itself (:func:`megalm.model.build_model`), built on the ``meta``
 device at tp = 1 (no memory, no second description of the model). Shapes are compared
 with the vocabulary dimension at its real size (``model.vocab_size``), since the padding
 depends on the tensor-parallel degree and is resharded freely.
@@ -15,7 +15,7 @@ import torch
 
 from megalm.checkpoint.tensors import TensorIndex
 from megalm.config import Config, ModelConfig
-from megalm.model import GPT
+from megalm.model import build_model
 from megalm.train.engine_state import local_params
 
 SHOWN = 4  # names listed per kind of difference
@@ -24,8 +24,8 @@ SHOWN = 4  # names listed per kind of difference
 def expected_tensors(model: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
     """``{global name: (shape at tp = 1, vocabulary dimension)}`` of the model ``model`` describes."""
     with torch.device("meta"):
-        gpt = GPT(model, init_seed=0)
-    return {lp.name: (lp.shape, lp.vocab_dim) for lp in local_params(gpt, 0, model.n_layers, False)}
+        built = build_model(model, init_seed=0)
+    return {lp.name: (lp.shape, lp.vocab_dim) for lp in local_params(built, 0, model.n_layers, False)}
 
 
 def _logical(shape: tuple[int, ...], vocab_dim: int | None, vocab: int) -> tuple[int, ...]:

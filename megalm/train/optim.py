@@ -57,3 +57,14 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     """``LambdaLR`` over :func:`lr_multiplier`; DeepSpeed steps and checkpoints it."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, max_steps))
+
+
+def apply_configured_lr(scheduler, cfg: OptimConfig) -> None:
+    """After loading a checkpoint: ``optim.lr`` as configured now wins over the base LR saved
+    with the scheduler, so "lower optim.lr, then resume" does what it says. The schedule's
+    position (``last_epoch``, the optimizer step count) stays the checkpoint's."""
+    scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

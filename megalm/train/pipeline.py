@@ -14,19 +14,25 @@ weights. The topology handed to DeepSpeed comes from megalm's grid: axes
 :class:`megalm.parallel.ParallelDims`; DeepSpeed's data-parallel reduction therefore
 spans dp x cp, as the plain engine's (``ParallelContext.as_mpu``).
 
+With ``data.document_mask`` the layers pass (hidden, position_ids, doc_ids) from stage
+to stage (``Doc*`` layers). Text is sampled from the stages by
+:class:`megalm.train.generation.PipelineLM`.
+
 Known limits: dropout masks under pp > 1 differ from pp = 1 (each stage draws from
-its own process's RNG stream); sampling text from a pipelined model is not
-implemented (the trainer skips it and says so).
+its own process's RNG stream).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from megalm.config import Config
 from megalm.model.gpt import (
@@ -40,11 +46,41 @@ from megalm.model.gpt import (
 )
 from megalm.parallel import ParallelContext
 from megalm.train.engine import build_engine, resolve_dtype
-from megalm.train.step import grad_norm
+from megalm.train.step import PhaseTimer, grad_norm
 
 
 def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
     return embedding.logits(x)
+
+
+# With data.document_mask every stage passes (hidden, position_ids, doc_ids) on: DeepSpeed sends
+# tuples between stages and carries gradients for the floating-point first element only.
+class DocEmbedding(Embedding):
+    """:class:`Embedding` on (tokens, position_ids, doc_ids) -> (x, position_ids, doc_ids)."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        tokens, pos, doc = inputs
+        return super().forward(tokens, pos), pos, doc
+
+
+class DocSeededBlock(SeededBlock):
+    """:class:`SeededBlock` on (x, position_ids, doc_ids) -> the same triple."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, pos, doc = inputs
+        return super().forward(x, pos, doc), pos, doc
+
+
+class DocFinalNorm(FinalNorm):
+    """:class:`FinalNorm` on (x, position_ids, doc_ids) -> x."""
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return super().forward(inputs[0])
+
+
+def pipe_batches(micro_batches: list[tuple[torch.Tensor, ...]]) -> list[tuple]:
+    """(tokens, labels[, position_ids, doc_ids]) -> DeepSpeed's (inputs, labels) pairs."""
+    return [((x, *ids) if ids else x, y) for x, y, *ids in micro_batches]
 
 
 def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
@@ -63,19 +99,21 @@ def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
     group, sp, L, cp_group = ctx.tp_group, p.sequence_parallel, m.n_layers, ctx.cp_group
     embed_args = (m, group, sp, component_seed(init_seed, 0), cp_group)
     tied = m.tied
+    docs = cfg.data.document_mask
+    embedding, block, final_norm = (
+        (DocEmbedding, DocSeededBlock, DocFinalNorm) if docs else (Embedding, SeededBlock, FinalNorm)
+    )
     layers = [
-        TiedLayerSpec("embed", Embedding, *embed_args, tied_weight_attr="tok_emb.weight")
+        TiedLayerSpec("embed", embedding, *embed_args, tied_weight_attr="tok_emb.weight")
         if tied
-        else LayerSpec(Embedding, *embed_args)
+        else LayerSpec(embedding, *embed_args)
     ]
-    layers += [
-        LayerSpec(SeededBlock, m, group, sp, component_seed(init_seed, 1 + i), cp_group) for i in range(L)
-    ]
-    layers.append(LayerSpec(FinalNorm, m, group, sp))
+    layers += [LayerSpec(block, m, group, sp, component_seed(init_seed, 1 + i), cp_group) for i in range(L)]
+    layers.append(LayerSpec(final_norm, m, group, sp))
     if tied:
         layers.append(
             TiedLayerSpec(
-                "embed", Embedding, *embed_args, forward_fn=_tied_logits, tied_weight_attr="tok_emb.weight"
+                "embed", embedding, *embed_args, forward_fn=_tied_logits, tied_weight_attr="tok_emb.weight"
             )
         )
     else:
@@ -171,17 +209,86 @@ def describe_partition(module, ctx: ParallelContext) -> list[str]:
     ]
 
 
-def pipeline_train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss."""
-    return float(engine.train_batch(data_iter=iter(micro_batches)))
+class _HookedPhase:
+    """A phase of ``timer`` opened in one hook and closed in another (both idempotent)."""
+
+    def __init__(self, timer: PhaseTimer, name: str) -> None:
+        self.timer, self.name, self.entered = timer, name, None
+
+    def open(self, *_) -> None:
+        if self.entered is None:
+            self.entered = self.timer.phase(self.name)
+            self.entered.__enter__()
+
+    def close(self, *_) -> None:
+        if self.entered is not None:
+            entered, self.entered = self.entered, None
+            entered.__exit__(None, None, None)
 
 
-def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], accum: int) -> float:
-    """Mean loss over micro-batches, ``accum`` per pipeline flush (every rank gets it)."""
-    losses = [
-        float(engine.eval_batch(iter(micro_batches[i : i + accum])))
-        for i in range(0, len(micro_batches), accum)
+@contextlib.contextmanager
+def timed_phases(module: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
+    """Report this stage's ``forward``, ``backward`` and ``optimizer`` phases to ``timer``.
+
+    The 1F1B schedule runs inside ``engine.train_batch``, so the phases open and close in
+    hooks: forward around the stage module (forward pre-hook to forward hook) and, on the
+    last stage, around its ``loss_fn`` (wrapped while the context is open); backward from
+    the arrival of the gradient of the stage output or loss (a tensor hook) until every
+    parameter of the stage has its gradient (``register_multi_grad_hook``); optimizer
+    around the ``torch.optim`` step (global step hooks, which run outside the optimizer's
+    own hooks, so :class:`MeasuredClipping` counts; clipping inside DeepSpeed's mixed
+    precision or ZeRO optimizers before that step does not). Sends, receives and
+    gradient reductions are in no phase.
+    """
+    fwd, bwd, opt = (_HookedPhase(timer, name) for name in ("forward", "backward", "optimizer"))
+
+    def forward_done(_module, _args, out) -> None:
+        fwd.close()
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(lambda _grad: bwd.open())
+
+    loss_fn = module.loss_fn
+
+    def timed_loss(outputs, labels):
+        fwd.open()
+        loss = loss_fn(outputs, labels)
+        forward_done(None, None, loss)
+        return loss
+
+    handles = [
+        module.register_forward_pre_hook(fwd.open),
+        module.register_forward_hook(forward_done),
+        torch.autograd.graph.register_multi_grad_hook(
+            [p for p in module.parameters() if p.requires_grad], bwd.close, mode="all"
+        ),
+        register_optimizer_step_pre_hook(opt.open),
+        register_optimizer_step_post_hook(opt.close),
     ]
+    module.loss_fn = timed_loss if loss_fn is not None else None
+    try:
+        yield
+    finally:
+        module.loss_fn = loss_fn
+        for handle in handles:
+            handle.remove()
+
+
+def pipeline_train_step(
+    engine, micro_batches: list[tuple[torch.Tensor, ...]], timer: PhaseTimer | None = None
+) -> float:
+    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss.
+
+    ``timer`` (optional) gets the stage's phases through :func:`timed_phases`.
+    """
+    with timed_phases(engine.module, timer) if timer is not None else contextlib.nullcontext():
+        return float(engine.train_batch(data_iter=iter(pipe_batches(micro_batches))))
+
+
+def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, ...]], accum: int) -> float:
+    """Mean loss over micro-batches, ``accum`` per pipeline flush (every rank gets it)."""
+    batches = pipe_batches(micro_batches)
+    losses = [float(engine.eval_batch(iter(batches[i : i + accum]))) for i in range(0, len(batches), accum)]
     return sum(losses) / len(losses)
 
 

@@ -6,8 +6,9 @@ the signal first, so a rank must not simply stop: the others would block in the
 next collective. Instead:
 
 1. the handler only records the signal (async-signal-safe: no I/O, no collectives);
-2. at every step boundary all ranks all-reduce (MAX) a 0/1 flag, so every rank
-   learns of a signal on any rank at the same step;
+2. every optimizer step carries a 0/1 flag in the step's one health all-reduce (MAX,
+   :mod:`megalm.train.health`), so every rank learns of a signal on any rank at the
+   same step;
 3. they save a checkpoint of that step (``megalm/train/checkpoint.py``: whole or
    invisible), under a watchdog that ends the process when the save would outlast
    ``preempt.grace_s`` counted from the signal, because the scheduler's SIGKILL
@@ -16,7 +17,7 @@ next collective. Instead:
    again and resumes with ``training.resume=auto``;
 5. every rank exits with ``preempt.exit_code`` (75, EX_TEMPFAIL: run again to continue).
 
-The flag costs one 4-byte all-reduce per optimizer step.
+The flag costs nothing of its own: one slot of the health all-reduce.
 """
 
 from __future__ import annotations
@@ -95,13 +96,15 @@ class Preemption:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def should_stop(self) -> bool:
-        """Collective: did any rank receive a stop signal? Same answer on every rank."""
-        flag = torch.tensor([0.0 if self.signum is None else 1.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.signum is None:  # another rank's signal: start our clock now
+    def local_flag(self) -> float:
+        """1.0 if this rank received a stop signal, else 0.0 (all-reduced MAX by the caller)."""
+        return 0.0 if self.signum is None else 1.0
+
+    def agree(self, any_rank: bool) -> bool:
+        """Take the all-reduced flag: ``any_rank`` says some rank was signalled. Returns it."""
+        if any_rank and self.signum is None and self.t_signal == 0.0:  # another rank's: start our clock
             self.t_signal = time.monotonic()
-        return flag.item() > 0
+        return any_rank
 
     def seconds_left(self) -> float:
         """Collective: the grace budget left on the rank that was signalled first."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -60,6 +60,7 @@ def engine_step(
     measure_grad_norm: bool,
     mpu=None,
     timer: PhaseTimer | None = None,
+    before_step: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
 ):
     """Forward/backward every micro-batch, stepping the engine after each.
 
@@ -67,28 +68,35 @@ def engine_step(
     optimizer at the accumulation boundary (the last micro-batch).
 
     Args:
-        micro_batches: ``accum`` pairs of (tokens, labels), each (micro_batch, T).
+        micro_batches: ``accum`` tuples (tokens, labels[, position_ids, doc_ids]), each
+            (micro_batch, T); the ids reach the model's forward after the labels.
         measure_grad_norm: compute the global gradient norm before the step. Needed
             for ZeRO-0 fp32, where DeepSpeed clips but does not keep the norm.
         mpu: the model-parallel unit handed to DeepSpeed (for the norm across TP).
         timer: :class:`megalm.train.strategy.PhaseTimer`; gets ``forward``, ``backward``
             and ``optimizer`` phases.
+        before_step: called after the last backward and before the engine's optimizer
+            step with (this rank's mean micro-batch loss, grad norm or ``None``): where
+            :class:`megalm.train.health.Health` gets what it checks.
 
     Returns:
         (this rank's mean micro-batch loss, grad norm or ``None``), 0-d tensors on ``device``.
     """
     losses, gnorm, timer = [], None, timer or NoTimer()
-    for i, (x, y) in enumerate(micro_batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for i, batch in enumerate(micro_batches):
+        x, y, *ids = (t.to(device, non_blocking=True) for t in batch)
         with timer.phase("forward"):
-            loss = engine(x, y)
+            loss = engine(x, y, *ids)
         with timer.phase("backward"):
             engine.backward(loss)
-        if measure_grad_norm and i == len(micro_batches) - 1:
-            gnorm = grad_norm(engine.module.parameters(), mpu)
+        losses.append(loss.detach())
+        if i == len(micro_batches) - 1:
+            if measure_grad_norm:
+                gnorm = grad_norm(engine.module.parameters(), mpu)
+            if before_step is not None:
+                before_step(torch.stack(losses).mean(), gnorm)
         with timer.phase("optimizer"):
             engine.step()
-        losses.append(loss.detach())
     if gnorm is None and engine.get_global_grad_norm() is not None:
         gnorm = torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32)
     return torch.stack(losses).mean(), gnorm

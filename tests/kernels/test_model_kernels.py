@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 
 import pytest
 import torch
 
-from kernels import verify
+from kernels import dispatch, verify
 from kernels.interpreter import kernel_module
 from megalm.config import ModelConfig
 from megalm.model import GPT
@@ -32,18 +31,17 @@ def _train(cfg: ModelConfig, device: str, steps: int = 5) -> list[float]:
 
 
 def _spy_dispatch(monkeypatch) -> list[tuple[str, str, bool]]:
-    """Record (module, impl, Triton?) for every dispatch decision of the model's ops."""
+    """Record (op, impl, Triton?) for every dispatch decision of the model's ops, whoever asks
+    (the kernels' public functions, or the model's layers choosing their PyTorch path)."""
     taken = []
-    for name in ("kernels.attention", "kernels.norms", "kernels.cross_entropy"):
-        module = importlib.import_module(name)  # kernels.cross_entropy is also a function
-        original = module.use_triton
+    original = dispatch._decide
 
-        def spy(impl, *tensors, _original=original, _name=module.__name__, **kwargs):
-            decision = _original(impl, *tensors, **kwargs)
-            taken.append((_name, impl, decision))
-            return decision
+    def spy(impl, devices, dtype, op, _original=original):
+        decision = _original(impl, devices, dtype, op)
+        taken.append((op, impl, decision))
+        return decision
 
-        monkeypatch.setattr(module, "use_triton", spy)
+    monkeypatch.setattr(dispatch, "_decide", spy)
     return taken
 
 
@@ -68,10 +66,10 @@ def test_five_steps_with_triton_kernels_match_torch(device, monkeypatch):
     ref = _train(cfg, device)
     assert all(not decision for _, _, decision in taken)
     got = _train(dataclasses.replace(cfg, kernels="triton"), device)
-    assert {name for name, impl, decision in taken if impl == "triton" and decision} == {
-        "kernels.attention",
-        "kernels.norms",
-        "kernels.cross_entropy",
+    assert {op for op, impl, decision in taken if impl == "triton" and decision} == {
+        "attention",
+        "norms",
+        "cross_entropy",
     }
     _assert_close_losses(got, ref)
 
@@ -92,6 +90,6 @@ def test_auto_with_a_wrong_kernel_trains_on_the_pytorch_path_with_one_warning(
         got = _train(dataclasses.replace(cfg, kernels="auto"), device, steps=3)
     warnings = [r.getMessage() for r in caplog.records if r.name == "kernels.verify"]
     assert len(warnings) == 1 and "kernel norms failed its self-test" in warnings[0], warnings
-    decided = {(name, decision) for name, impl, decision in taken if impl == "auto"}
-    assert decided == {("kernels.attention", True), ("kernels.cross_entropy", True), ("kernels.norms", False)}
+    decided = {(op, decision) for op, impl, decision in taken if impl == "auto"}
+    assert decided == {("attention", True), ("cross_entropy", True), ("norms", False)}
     _assert_close_losses(got, ref)

@@ -1,26 +1,31 @@
-"""megalm's training step against a bare PyTorch loop on the same model, weights and batch.
+"""The trainer's training step against a bare PyTorch loop on the same model, weights and batch.
 
-The two paths alternate (ABAB...) inside one process so machine noise hits both
-alike; the result is the ratio of median step times (megalm / bare). Both paths
-must also produce the same losses, which shows they do the same work.
+The megalm path is the trainer's own step, :class:`megalm.train.strategy.PlainStep`
+(``train_step``: DeepSpeed engine, gradient accumulation, clipping, the ZeRO-0 gradient
+norm), on a world of one. The bare path is the textbook loop on a second copy of the
+same model (the same seed gives the same weights). The two alternate (ABAB...) inside
+one process so machine noise hits both alike; the result is the ratio of median step
+times (megalm / bare). Both paths must produce the same losses, which shows they do the
+same work.
 """
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from megalm.config import Config
 from megalm.model import GPT
+from megalm.parallel import ParallelContext, ParallelDims
 from megalm.perf.flops import model_flops_per_token
 from megalm.train.dist import init_distributed
-from megalm.train.engine import build_engine, gradient_accumulation
+from megalm.train.engine import gradient_accumulation
 from megalm.train.optim import make_optimizer, make_scheduler
-from megalm.train.step import engine_step
+from megalm.train.strategy import PlainStep
 
 
 def bare_step(model, optimizer, scheduler, micro_batches, device, grad_clip: float) -> torch.Tensor:
@@ -37,12 +42,22 @@ def bare_step(model, optimizer, scheduler, micro_batches, device, grad_clip: flo
     return torch.stack(losses).mean()
 
 
-def _timed(fn) -> tuple[Any, float]:
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """(the step's loss, its seconds); reading the loss waits for the device."""
     t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+    loss = fn().item()
+    return loss, time.perf_counter() - t0
+
+
+def _random_batches(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step of micro-batches (tokens, labels), each (micro_batch, seq_len)."""
+    m, t = cfg.model, cfg.training
+    gen = torch.Generator().manual_seed(cfg.data.seed)
+    windows = [
+        torch.randint(0, m.vocab_size, (t.micro_batch, m.seq_len + 1), generator=gen)
+        for _ in range(gradient_accumulation(cfg, 1))
+    ]
+    return [(w[:, :-1], w[:, 1:]) for w in windows]
 
 
 def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
@@ -51,32 +66,21 @@ def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any
     if info.world_size != 1:
         raise ValueError("the step benchmark compares single-process steps; run it with plain python")
     device, t, m = info.device, cfg.training, cfg.model
-    torch.manual_seed(cfg.run.seed)
-    model = GPT(m)
-    bare = copy.deepcopy(model).to(device)
-    engine = build_engine(cfg, model, 1, device)
+    megalm = PlainStep(cfg, ParallelContext(ParallelDims.from_world(1)), info)
+    bare = GPT(m, init_seed=cfg.run.seed).to(device)
     bare_opt = make_optimizer(bare, cfg.optim, device)
     bare_sched = make_scheduler(bare_opt, cfg.optim, t.max_steps)
-    gen = torch.Generator().manual_seed(cfg.data.seed)
-    accum = gradient_accumulation(cfg, 1)
-    batches = [
-        (w[:, :-1], w[:, 1:])
-        for w in (
-            torch.randint(0, m.vocab_size, (t.micro_batch, m.seq_len + 1), generator=gen)
-            for _ in range(accum)
-        )
-    ]
-    times: dict[str, list[float]] = {"megalm": [], "bare": []}
-    losses: dict[str, list[float]] = {"megalm": [], "bare": []}
+    batches = _random_batches(cfg)
     runs = {
-        "megalm": lambda: engine_step(engine, batches, device, measure_grad_norm=False)[0],
+        "megalm": lambda: megalm.train_step(batches).loss,
         "bare": lambda: bare_step(bare, bare_opt, bare_sched, batches, device, cfg.optim.grad_clip),
     }
+    times: dict[str, list[float]] = {"megalm": [], "bare": []}
+    losses: dict[str, list[float]] = {"megalm": [], "bare": []}
     for i in range(warmup + steps):
-        order = ("megalm", "bare") if i % 2 == 0 else ("bare", "megalm")
-        for name in order:
+        for name in ("megalm", "bare") if i % 2 == 0 else ("bare", "megalm"):
             loss, seconds = _timed(runs[name])
-            losses[name].append(loss.item())
+            losses[name].append(loss)
             if i >= warmup:
                 times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -84,17 +88,12 @@ def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any
     return {
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "model": {
-            "family": m.family,
-            "n_layers": m.n_layers,
-            "d_model": m.d_model,
-            "seq_len": m.seq_len,
-            "vocab_size": m.vocab_size,
-        },
+        "model": {k: getattr(m, k) for k in ("family", "n_layers", "d_model", "seq_len", "vocab_size")},
         "global_batch": t.global_batch,
         "micro_batch": t.micro_batch,
         "zero_stage": cfg.zero.stage,
         "steps_timed": steps,
+        "tokens_per_step": tokens,
         "median_step_s": med,
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
         "tflops": {k: tokens * model_flops_per_token(m) / v / 1e12 for k, v in med.items()},
