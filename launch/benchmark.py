@@ -6,7 +6,7 @@
         [--set key=value ...]
 
 Every configuration runs as its own job of ``megalm.perf.worker`` (one process:
-python; several: torchrun by default), ``tp * pp * dp`` processes. Warm-up steps are
+python; several: torchrun by default), ``tp * cp * pp * dp`` processes. Warm-up steps are
 excluded. Failing or out-of-memory configurations are recorded and the sweep goes on.
 Writes ``<out>/results.csv``, ``results.json``, ``throughput.png``, ``step_time.png``
 and one ``config_NNN/`` folder (result.json, log.txt) per configuration. Exit code 0
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zip", action="store_true", help="vary the --sweep keys together, not their product")
     p.add_argument("--set", nargs="*", default=[], dest="fixed", help="key=value overrides for every run")
     p.add_argument("--launcher", default="auto", choices=["auto", "python", "torchrun", "deepspeed", "srun"])
-    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (processes = tp * pp * dp)")
-    p.add_argument("--nproc", type=int, default=0, help="fixed process count (dp derived); 0: tp*pp*dp")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (processes = tp * cp * pp * dp)")
+    p.add_argument("--nproc", type=int, default=0, help="fixed process count (dp derived); 0: tp*cp*pp*dp")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 2)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")

@@ -233,15 +233,20 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel degrees. Data parallelism is whatever the world size leaves."""
+    """Parallel degrees. Data parallelism is whatever the world size leaves.
+
+    ``cp``: context parallelism, each sequence split over ``cp`` ranks that run ring
+    attention (``megalm/parallel/ring.py``); for long sequences.
+    """
 
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     sequence_parallel: bool = False
     pp_partition: Literal["uniform", "parameters"] = "uniform"  # uniform: equal transformer blocks per stage
 
     def __post_init__(self) -> None:
-        _positive("parallel", self, "tp", "pp")
+        _positive("parallel", self, "tp", "pp", "cp")
 
 
 @dataclass

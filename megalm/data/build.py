@@ -101,10 +101,19 @@ def with_cache(manifest: Manifest, data) -> Manifest:
 
 
 def open_train_batches(
-    data, manifest: Manifest, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    data,
+    manifest: Manifest,
+    seq_len: int,
+    global_batch: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    cp_rank: int = 0,
+    cp_size: int = 1,
 ) -> TrainBatches:
-    """The training loader for ``data`` (a ``DataConfig``): ``data.dir`` or the ``data.blend`` mix;
-    with ``data.document_mask`` its micro-batches carry position and document ids.
+    """The training loader for ``data`` (a ``DataConfig``): ``data.dir`` or the ``data.blend`` mix,
+    each window cut to cp rank ``cp_rank``'s tokens of ``cp_size`` (context parallelism); with
+    ``data.document_mask`` its micro-batches carry position and document ids.
 
     Raises:
         DataError: an empty training split or one shorter than a window, a bad shard under
@@ -127,4 +136,6 @@ def open_train_batches(
         weights=[w for w, _ in entries],
         workers=data.workers,
         with_ids=data.document_mask,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
     )

@@ -14,7 +14,10 @@ The pipeline, one generator stage per line of :meth:`TrainBatches._pipeline`:
 3. ``_materialize``: windows gathered from the memory-mapped shards into
    tensors, in the main process (``workers=0``) or in worker processes, which
    take micro-batches as they free up and hand them back in order (at most two
-   per worker in flight).
+   per worker in flight); with context parallelism (``cp > 1``) each tensor
+   keeps this cp rank's tokens (chunks ``i`` and ``2cp-1-i`` of ``2 cp``,
+   :func:`megalm.parallel.context.shard_sequence`), labels and position/document
+   ids cut exactly like the tokens.
 
 Every micro-batch travels with the state *after* its step, and the main process
 records it only when the trainer has taken the whole step, so ``state_dict()``
@@ -22,7 +25,8 @@ is exact whatever the workers had prefetched: the workers are stateless and a
 resume restarts them at the recorded position. Ranks are split by
 ``(dp_rank, dp_size)``, never by global rank and never by shard, so TP/PP peers
 get identical batches, there is no hang with fewer shards than ranks x workers,
-and every rank yields the same number of micro-batches.
+and every rank yields the same number of micro-batches. The cp ranks of one
+data-parallel rank read the same windows and keep different tokens of them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 from megalm.data.order import BlendSchedule, GlobalOrderSampler
 from megalm.data.packed import PackedWindows
 from megalm.data.shards import DataError
+from megalm.parallel.context import shard_sequence
 
 
 @dataclass(frozen=True)
@@ -51,19 +56,21 @@ class _MicroBatch:
 
 
 class _Builder:
-    """Turns a :class:`_MicroBatch` into tensors; what each worker process runs."""
+    """Turns a :class:`_MicroBatch` into tensors (this cp rank's tokens); what each worker runs."""
 
-    def __init__(self, sources: list[PackedWindows], with_ids: bool) -> None:
-        self.sources, self.with_ids = sources, with_ids
+    def __init__(self, sources: list[PackedWindows], with_ids: bool, cp: int = 1, cp_rank: int = 0) -> None:
+        self.sources, self.with_ids, self.cp, self.cp_rank = sources, with_ids, cp, cp_rank
 
     def __getitem__(self, mb: _MicroBatch) -> tuple[tuple[torch.Tensor, ...], _MicroBatch]:
         if len(self.sources) == 1:
-            return self.sources[0].batch(mb.windows, self.with_ids), mb
-        rows = [
-            self.sources[k].batch(np.array([w]), self.with_ids)
-            for k, w in zip(mb.datasets, mb.windows, strict=True)
-        ]
-        return tuple(torch.cat(parts) for parts in zip(*rows, strict=True)), mb
+            tensors = self.sources[0].batch(mb.windows, self.with_ids)
+        else:
+            rows = [
+                self.sources[k].batch(np.array([w]), self.with_ids)
+                for k, w in zip(mb.datasets, mb.windows, strict=True)
+            ]
+            tensors = tuple(torch.cat(parts) for parts in zip(*rows, strict=True))
+        return tuple(shard_sequence(t, self.cp, self.cp_rank) for t in tensors), mb
 
 
 _worker_builder: _Builder | None = None
@@ -108,6 +115,8 @@ class TrainBatches:
         weights: blend weights, one per dataset (default: equal).
         workers: worker processes building micro-batches (0: build them in this process).
         with_ids: also return ``position_ids`` and ``doc_ids`` per micro-batch.
+        cp_rank, cp_size: context parallelism: keep this cp rank's ``seq_len / cp`` tokens
+            of every window (module docstring); the windows do not depend on it.
     """
 
     def __init__(
@@ -121,6 +130,8 @@ class TrainBatches:
         weights: list[float] | None = None,
         workers: int = 0,
         with_ids: bool = False,
+        cp_rank: int = 0,
+        cp_size: int = 1,
     ) -> None:
         if global_batch % (micro_batch * dp_size):
             raise ValueError(
@@ -136,6 +147,7 @@ class TrainBatches:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.accum = global_batch // (micro_batch * dp_size)
         self.workers, self.with_ids = workers, with_ids
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         self.consumed = 0  # global samples consumed by completed steps
         self.counts = [0] * len(self.sources)  # of which from each dataset
         self._reset()
@@ -154,7 +166,7 @@ class TrainBatches:
         return self._materialize(micro_batches)
 
     def _materialize(self, micro_batches: Iterator[_MicroBatch]) -> Iterator:
-        builder = _Builder(self.sources, self.with_ids)
+        builder = _Builder(self.sources, self.with_ids, self.cp_size, self.cp_rank)
         if self.workers == 0:
             return (builder[mb] for mb in micro_batches)
         # forkserver: no fork of a process whose other threads may hold locks (DeepSpeed, gloo).
@@ -182,7 +194,7 @@ class TrainBatches:
         """The ``accum`` micro-batches of this rank for the next optimizer step.
 
         Each is (tokens, labels), or with ``with_ids`` (tokens, labels, position_ids,
-        doc_ids); every tensor is (micro_batch, seq_len) int64.
+        doc_ids); every tensor is (micro_batch, seq_len / cp) int64.
         """
         if self._it is None:
             self._it = self._pipeline()
@@ -306,12 +318,16 @@ def eval_batches(
     dp_rank: int,
     dp_size: int,
     with_ids: bool = False,
+    cp_rank: int = 0,
+    cp_size: int = 1,
 ) -> list[tuple[torch.Tensor, ...]]:
-    """The first ``n_samples`` windows (wrapping if fewer), rank ``d`` taking every dp-th.
+    """The first ``n_samples`` windows (wrapping if fewer), rank ``d`` taking every dp-th, each
+    cut to this cp rank's tokens as in training.
 
     ``n_samples`` must be a multiple of ``micro_batch * dp_size`` so every rank runs
     the same number of forward passes (required under ZeRO-3). Each micro-batch is
     (tokens, labels), with ``with_ids`` also (position_ids, doc_ids).
     """
     idx = np.arange(dp_rank, n_samples, dp_size) % len(windows)
-    return [windows.batch(idx[i : i + micro_batch], with_ids) for i in range(0, len(idx), micro_batch)]
+    batches = [windows.batch(idx[i : i + micro_batch], with_ids) for i in range(0, len(idx), micro_batch)]
+    return [tuple(shard_sequence(t, cp_size, cp_rank) for t in b) for b in batches]

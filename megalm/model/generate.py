@@ -186,20 +186,27 @@ def _rows(new: torch.Tensor, eos_id: int | None) -> list[list[int]]:
 
 @contextlib.contextmanager
 def decoding(module: nn.Module) -> Iterator[None]:
-    """Eval mode with sequence parallelism off for the duration (then restored).
+    """Eval mode with sequence and context parallelism off for the duration (then restored).
 
     A decode step feeds one token per row, which cannot be split over TP ranks; without
     gradients, sequence parallelism only changes where tokens live (each rank holds all
-    of them instead of 1/tp), not the math, so its modules run as plain TP.
+    of them instead of 1/tp), not the math, so its modules run as plain TP. Likewise
+    context parallelism (``cp_group``): every cp rank holds the same weights, so each one
+    decodes the whole sequence itself (cp = 1 math, no ring), as the KV cache needs.
     """
     flagged = [m for m in module.modules() if getattr(m, "sequence_parallel", False)]
+    cp_groups = [(m, m.cp_group) for m in module.modules() if getattr(m, "cp_group", None) is not None]
     training = module.training
     module.eval()
     for m in flagged:
         m.sequence_parallel = False
+    for m, _ in cp_groups:
+        m.cp_group = None
     try:
         yield
     finally:
         for m in flagged:
             m.sequence_parallel = True
+        for m, group in cp_groups:
+            m.cp_group = group
         module.train(training)

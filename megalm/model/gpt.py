@@ -12,6 +12,7 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.model.kv_cache import KVCache
 from megalm.model.layers import Block, LayerNorm, make_norm
+from megalm.parallel.context import local_positions
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import (
     ColumnParallelLinear,
@@ -95,11 +96,11 @@ class Embedding(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, seed: int = 0
+        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, seed: int = 0, cp_group=None
     ) -> None:
         super().__init__()
         tp = tp_size(tp_group)
-        self.cfg, self.group = cfg, tp_group
+        self.cfg, self.group, self.cp_group = cfg, tp_group, cp_group
         self.sequence_parallel = sequence_parallel and tp > 1
         self.sp_group = tp_group if self.sequence_parallel else None
         self.tok_emb = VocabParallelEmbedding(
@@ -113,11 +114,12 @@ class Embedding(nn.Module):
         T = tokens.size(1)
         x = self.tok_emb(tokens)  # (B, T, C), or (B, T/tp, C) with SP
         if self.pos_emb is not None:
-            pos = torch.arange(T, device=tokens.device) if position_ids is None else position_ids
+            # positions 0..T-1, or this rank's global positions under cp
+            pos = local_positions(T, self.cp_group, tokens.device) if position_ids is None else position_ids
             if self.sequence_parallel:  # this rank's tokens; the table's gradient is summed over TP
                 pos = pos.chunk(tp_size(self.group), dim=-1)[tp_rank(self.group)]
             x = x + F.embedding(pos, copy_to_tp(self.pos_emb.weight, self.sp_group))
-        return dropout(x, self.cfg.dropout, self.training, self.sp_group)
+        return dropout(x, self.cfg.dropout, self.training, self.sp_group, self.cp_group)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Tied output head: (B, T, C) full sequence -> local logits (B, T, V_padded/tp), or
@@ -186,9 +188,9 @@ class SeededBlock(Block):
     """A :class:`Block` initialized from its own seed (so any process can build block ``i``)."""
 
     def __init__(
-        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, seed: int = 0
+        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, seed: int = 0, cp_group=None
     ) -> None:
-        super().__init__(cfg, tp_group, sequence_parallel)
+        super().__init__(cfg, tp_group, sequence_parallel, cp_group)
         init_component(self, cfg, seed)
 
 
@@ -207,10 +209,18 @@ class GPT(nn.Module):
             TP group (Korthikanti et al. 2022); norms and dropout run on T/tp tokens.
         init_seed: seeds every component's initialization; ``None`` draws it from the
             global RNG (so ``torch.manual_seed(s); GPT(cfg)`` is deterministic).
+        cp_group: context-parallel process group: ``forward`` then takes this rank's tokens
+            of each sequence (:mod:`megalm.parallel.context`) and returns the mean loss over
+            them (averaging over the group is the data-parallel reduction's job).
     """
 
     def __init__(
-        self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False, init_seed: int | None = None
+        self,
+        cfg: ModelConfig,
+        tp_group=None,
+        sequence_parallel: bool = False,
+        init_seed: int | None = None,
+        cp_group=None,
     ) -> None:
         super().__init__()
         require_vocab(cfg)
@@ -220,9 +230,10 @@ class GPT(nn.Module):
         self.cfg, self.group = cfg, tp_group
         self.sequence_parallel = sequence_parallel and tp > 1
         L = cfg.n_layers
-        self.embed = Embedding(cfg, tp_group, sequence_parallel, component_seed(init_seed, 0))
+        self.embed = Embedding(cfg, tp_group, sequence_parallel, component_seed(init_seed, 0), cp_group)
         self.blocks = nn.ModuleList(
-            SeededBlock(cfg, tp_group, sequence_parallel, component_seed(init_seed, 1 + i)) for i in range(L)
+            SeededBlock(cfg, tp_group, sequence_parallel, component_seed(init_seed, 1 + i), cp_group)
+            for i in range(L)
         )
         self.final_norm = FinalNorm(cfg, tp_group, sequence_parallel)
         self.head = None if cfg.tied else Head(cfg, tp_group, component_seed(init_seed, L + 1))

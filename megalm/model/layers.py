@@ -14,9 +14,11 @@ from torch import nn
 from kernels import flash_attention, layer_norm, rms_norm, unfused_attention, use_triton
 from megalm.config import ModelConfig
 from megalm.model.kv_cache import LayerCache
+from megalm.parallel.context import cp_size, local_positions
 from megalm.parallel.dropout import dropout
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, enter_tp
 from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
+from megalm.parallel.ring import ring_attention
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -168,13 +170,22 @@ class Attention(nn.Module):
 
     Every path takes ``doc_ids`` (B, T): a token attends only to tokens of its own
     document (packed windows, left-padded prompts).
+
+    Context parallel (``cp_group``, training and held-out loss): the input holds this rank's
+    tokens of each sequence (:mod:`megalm.parallel.context`); RoPE takes their global
+    positions (``position_ids`` from the loader, else :func:`local_positions`) and the
+    flash and unfused paths both become :func:`megalm.parallel.ring.ring_attention` over
+    the cp group (same math, blockwise; its blocks use ``model.kernels``' kernels). The
+    cached decode path runs without cp (:func:`megalm.model.decoding` turns it off, every
+    cp rank then computes the whole sequence).
     """
 
-    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False, cp_group=None) -> None:
         super().__init__()
         tp = tp_size(group)
         C, hs, n_kv = cfg.d_model, cfg.head_size, cfg.kv_heads
         self.group, self.sequence_parallel, self.head_size = group, sequence_parallel, hs
+        self.cp_group = cp_group if cp_size(cp_group) > 1 else None
         self.local_heads = cfg.n_heads // tp
         self.kv_replicated = n_kv < tp
         self.local_kv_heads = 1 if self.kv_replicated else n_kv // tp
@@ -211,8 +222,11 @@ class Attention(nn.Module):
         """x: (B, T, C), or (B, T/tp, C) with SP -> same shape.
 
         position_ids, doc_ids: (B, T) int64 over the full sequence, or None (positions
-        ``0..T-1``, one document). cache: this layer's view of a KV cache (generation).
+        ``0..T-1``, one document); under cp, of this rank's tokens (positions default to
+        their global ones). cache: this layer's view of a KV cache (generation).
         """
+        if cache is not None and self.cp_group is not None:
+            raise ValueError("decode with a KV cache under context parallelism: use generate.decoding()")
         x = enter_tp(x, self.group, self.sequence_parallel)  # (B, T, C)
         B, T, _ = x.shape
         hs = self.head_size
@@ -220,6 +234,8 @@ class Attention(nn.Module):
         k = self._kv(self.wk, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
+            if position_ids is None and self.cp_group is not None:  # this rank's global positions
+                position_ids = local_positions(T, self.cp_group, x.device)[None]  # (1, T)
             q, k = self.rotary(q, k, position_ids)
         y = self._attend(q, k, v, doc_ids) if cache is None else self._attend_cached(q, k, v, doc_ids, cache)
         y = y.transpose(1, 2).reshape(B, T, self.local_heads * hs)  # (B, T, C/tp)
@@ -230,8 +246,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Causal self-attention of one window: q (B, nh', T, hs), k/v (B, nkv', T, hs) -> (B, nh', T, hs).
 
-        GQA without repeating K/V on every path.
+        GQA without repeating K/V on every path. Under cp, T is this rank's tokens and the
+        keys of the whole sequence come around the ring.
         """
+        if self.cp_group is not None:
+            return ring_attention(q, k, v, self.cp_group, doc_ids=doc_ids, impl=self.kernels)
         if self.attention == "unfused":
             return unfused_attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.kernels)
         return flash_attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.kernels)
@@ -289,12 +308,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: ``x + Attn(N(x))`` then ``x + MLP(N(x))``."""
 
-    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, group=None, sequence_parallel: bool = False, cp_group=None) -> None:
         super().__init__()
         self.sp_group = group if sequence_parallel else None
+        self.cp_group = cp_group
         self.dropout = cfg.dropout
         self.attn_norm = make_norm(cfg, self.sp_group)
-        self.attn = Attention(cfg, group, sequence_parallel)
+        self.attn = Attention(cfg, group, sequence_parallel, cp_group)
         self.mlp_norm = make_norm(cfg, self.sp_group)
         self.mlp = MLP(cfg, group, sequence_parallel)
 
@@ -307,5 +327,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, C), or (B, T/tp, C) with SP -> same shape; the rest as in :meth:`Attention.forward`."""
         a = self.attn(self.attn_norm(x), position_ids, doc_ids, cache)
-        x = x + dropout(a, self.dropout, self.training, self.sp_group)
-        return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group)
+        x = x + dropout(a, self.dropout, self.training, self.sp_group, self.cp_group)
+        return x + dropout(
+            self.mlp(self.mlp_norm(x)), self.dropout, self.training, self.sp_group, self.cp_group
+        )

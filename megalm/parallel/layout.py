@@ -1,4 +1,4 @@
-"""The layout rules: which (model, tp, pp, dp, ZeRO, batch, world) combinations can be built.
+"""The layout rules: which (model, tp, pp, cp, dp, ZeRO, batch, world) combinations can be built.
 
 One function, :func:`layout_problems`, returns every problem of a combination; the
 trainer (:func:`check_layout`, before any process group exists), the planner
@@ -11,17 +11,22 @@ Rules (each message names the values and the fix):
 ==================  =============================================================
 rule                why
 ==================  =============================================================
-world % (tp*pp)     the world is tp x pp x dp ranks (``ParallelDims``)
+world % (tp*pp*cp)  the world is tp x cp x dp x pp ranks (``ParallelDims``)
 heads % tp          query heads are split over TP ranks (Megatron, Shoeybi 2019)
 kv heads vs tp      K/V heads are split (n_kv >= tp) or replicated (n_kv < tp)
 ffn % tp            the MLP width is split by column/row-parallel projections
-seq % tp (SP)       sequence parallelism splits every sequence over TP ranks
+seq % tp (SP)       sequence parallelism splits every sequence (this rank's
+                    ``seq_len / cp`` tokens with cp) over TP ranks
+seq % 2cp           context parallelism cuts every sequence into ``2 cp`` equal
+                    chunks, rank ``i`` taking chunks ``i`` and ``2cp-1-i`` so each
+                    rank has the same causal-attention work (Megatron-core,
+                    torchtitan; ``megalm/parallel/context.py``)
 pp <= layers        every pipeline stage needs a transformer block; stages may be
                     uneven (DeepSpeed balances ``type:SeededBlock``)
 zero with pp        DeepSpeed's pipeline engine supports ZeRO-0/1 only
 batch               ``global_batch = micro_batch x accumulation x dp``
 lstm split          ``model.family=lstm`` runs with data parallelism and ZeRO only:
-                    no tensor/pipeline split, no block recompute
+                    no tensor/pipeline/context split, no block recompute
 ==================  =============================================================
 """
 
@@ -43,15 +48,17 @@ class Layout:
     micro_batch: int = 1
     sp: bool = False
     recompute: str = "none"
+    cp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
 
     def short(self) -> str:
         sp = "+sp" if self.sp else ""
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
         return (
-            f"tp={self.tp}{sp} pp={self.pp} dp={self.dp} zero={self.zero} mb={self.micro_batch} "
+            f"tp={self.tp}{sp}{cp} pp={self.pp} dp={self.dp} zero={self.zero} mb={self.micro_batch} "
             f"recompute={self.recompute}"
         )
 
@@ -65,15 +72,21 @@ class Problem:
     message: str
 
 
-def world_problem(world_size: int, tp: int, pp: int) -> Problem | None:
-    """The world must factor as ``tp x pp x dp``."""
-    if world_size % (tp * pp) == 0:
+def world_problem(world_size: int, tp: int, pp: int, cp: int = 1) -> Problem | None:
+    """The world must factor as ``tp x cp x dp x pp``."""
+    if world_size % (tp * pp * cp) == 0:
         return None
-    dp = max(1, world_size // (tp * pp))
+    dp = max(1, world_size // (tp * pp * cp))
+    if cp == 1:
+        return Problem(
+            "world % (tp*pp)",
+            f"tp({tp}) * pp({pp}) * dp({dp}) != world_size({world_size}): the world size must be a "
+            f"multiple of tp * pp = {tp * pp}",
+        )
     return Problem(
-        "world % (tp*pp)",
-        f"tp({tp}) * pp({pp}) * dp({dp}) != world_size({world_size}): the world size must be a "
-        f"multiple of tp * pp = {tp * pp}",
+        "world % (tp*pp*cp)",
+        f"tp({tp}) * cp({cp}) * pp({pp}) * dp({dp}) != world_size({world_size}): the world size must "
+        f"be a multiple of tp * cp * pp = {tp * cp * pp}",
     )
 
 
@@ -95,6 +108,14 @@ def _lstm_rules(lay: Layout) -> list[Problem]:
                 "lstm split",
                 f"parallel.pp={lay.pp} with model.family=lstm: the LSTM baseline is not split into pipeline "
                 "stages; use parallel.pp=1 (data parallelism and ZeRO)",
+            )
+        )
+    if lay.cp > 1:
+        out.append(
+            Problem(
+                "lstm split",
+                f"parallel.cp={lay.cp} with model.family=lstm: the recurrence reads the sequence in order, "
+                "so it cannot be split over context-parallel ranks; use parallel.cp=1",
             )
         )
     if lay.recompute != "none":
@@ -126,7 +147,32 @@ def _model_rules(m: ModelConfig, lay: Layout) -> list[Problem]:
         )
     if m.ffn_size % tp:
         out.append(Problem("ffn % tp", f"MLP width ({m.ffn_size}) must be divisible by parallel.tp ({tp})"))
-    if lay.sp and m.seq_len % tp:
+    out += _sequence_rules(m, lay)
+    if lay.pp > m.n_layers:
+        out.append(
+            Problem(
+                "pp > layers",
+                f"parallel.pp ({lay.pp}) is larger than model.n_layers ({m.n_layers}): every pipeline "
+                "stage needs at least one transformer block",
+            )
+        )
+    return out
+
+
+def _sequence_rules(m: ModelConfig, lay: Layout) -> list[Problem]:
+    """How a sequence splits: ``2 cp`` balanced chunks, then this rank's tokens over TP (SP)."""
+    tp, cp, out = lay.tp, lay.cp, []
+    if cp > 1 and m.seq_len % (2 * cp):
+        out.append(
+            Problem(
+                "seq % 2cp",
+                f"model.seq_len ({m.seq_len}) must be divisible by 2 * parallel.cp = {2 * cp}: context "
+                f"parallelism cuts each sequence into {2 * cp} equal chunks and gives rank i chunks i and "
+                f"{2 * cp - 1}-i (equal causal-attention work per rank); pick a seq_len that is a multiple "
+                f"of {2 * cp} or a smaller parallel.cp",
+            )
+        )
+    elif lay.sp and cp == 1 and m.seq_len % tp:
         out.append(
             Problem(
                 "seq % tp",
@@ -134,12 +180,13 @@ def _model_rules(m: ModelConfig, lay: Layout) -> list[Problem]:
                 "parallel.sequence_parallel=true",
             )
         )
-    if lay.pp > m.n_layers:
+    elif lay.sp and (m.seq_len // cp) % tp:
         out.append(
             Problem(
-                "pp > layers",
-                f"parallel.pp ({lay.pp}) is larger than model.n_layers ({m.n_layers}): every pipeline "
-                "stage needs at least one transformer block",
+                "seq % tp",
+                f"each context-parallel rank's {m.seq_len // cp} tokens (model.seq_len {m.seq_len} / "
+                f"parallel.cp {cp}) must be divisible by parallel.tp ({tp}) with "
+                f"parallel.sequence_parallel=true; pick a seq_len that is a multiple of {2 * cp * tp}",
             )
         )
     return out
@@ -175,11 +222,12 @@ def config_layout(cfg: Config, world_size: int) -> Layout:
     return Layout(
         tp=p.tp,
         pp=p.pp,
-        dp=max(1, world_size // (p.tp * p.pp)),
+        dp=max(1, world_size // (p.tp * p.pp * p.cp)),
         zero=cfg.zero.stage,
         micro_batch=cfg.training.micro_batch,
         sp=p.sequence_parallel and p.tp > 1,
         recompute=cfg.training.recompute,
+        cp=p.cp,
     )
 
 
@@ -191,10 +239,10 @@ def check_layout(cfg: Config, world_size: int, world_source: str = "") -> Layout
             to a world-size problem so the user sees which launcher said what.
 
     Returns:
-        The layout, with ``dp = world_size / (tp * pp)``.
+        The layout, with ``dp = world_size / (tp * pp * cp)``.
     """
     problems = []
-    bad_world = world_problem(world_size, cfg.parallel.tp, cfg.parallel.pp)
+    bad_world = world_problem(world_size, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp)
     if bad_world is not None:
         where = f" (world size from {world_source})" if world_source else ""
         problems.append(Problem(bad_world.rule, bad_world.message + where))

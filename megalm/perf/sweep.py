@@ -3,7 +3,7 @@
 Each configuration is a separate job of :mod:`megalm.perf.worker` started by a launcher
 (``python`` for one process; ``torchrun``, the DeepSpeed launcher or ``srun`` for several), so
 every configuration gets fresh processes and its own process group, and a crash or
-out-of-memory kills only that job. The number of processes is ``tp * pp * dp``
+out-of-memory kills only that job. The number of processes is ``tp * cp * pp * dp``
 (``dp`` from ``--dp``) unless ``--nproc`` fixes it. A configuration that fails
 (the trainer's layout checks, an exception, OOM, a timeout) is recorded with its
 error message and the sweep goes on.
@@ -87,7 +87,7 @@ class SweepSettings:
     out: Path
     launcher: str = "auto"  # auto (python for one process, else torchrun) or one of launchers.LAUNCHERS
     dp: int = 1
-    nproc: int = 0  # 0: tp * pp * dp
+    nproc: int = 0  # 0: tp * cp * pp * dp
     steps: int = 5
     warmup: int = 2
     timeout_s: float = 1800.0
@@ -127,12 +127,17 @@ def _tail_error(text: str) -> str:
     return lines[-1][:500] if lines else "no output"
 
 
+def processes(s: SweepSettings, sweep: dict[str, str]) -> int:
+    """Processes one configuration runs on: ``--nproc``, else ``tp * cp * pp * dp``."""
+    tp, pp, cp = (_int(sweep, f"parallel.{k}", 1) for k in ("tp", "pp", "cp"))
+    return s.nproc or tp * pp * cp * s.dp
+
+
 def run_one(s: SweepSettings, index: int, sweep: dict[str, str], fixed: list[str]) -> dict[str, Any]:
     """Launch one configuration and return its result row (``status`` ok/failed/oom/timeout)."""
     out = s.out / f"config_{index:03d}"
     overrides = [*fixed, *(f"{k}={v}" for k, v in sweep.items()), f"run.dir={out / 'run'}"]
-    tp, pp = _int(sweep, "parallel.tp", 1), _int(sweep, "parallel.pp", 1)
-    nproc = s.nproc or tp * pp * s.dp
+    nproc = processes(s, sweep)
     row: dict[str, Any] = {"index": index, **sweep, "nproc": nproc}
     try:
         cmd = launch_command(s, overrides, nproc, out)

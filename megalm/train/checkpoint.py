@@ -113,8 +113,10 @@ class Checkpointer:
         cfg: the resolved config (``training.*`` gives the policy).
         engine: the DeepSpeed engine (plain or pipeline).
         batches: the training loader (``state_dict``/``load_state_dict``: exact position).
-        layout: ``{tp, pp, dp, zero}`` of this run.
-        ctx: the process groups (tensor/pipeline/data-parallel ranks of this process).
+        layout: ``{tp, pp, dp, zero, cp}`` of this run.
+        ctx: the process groups (tensor/pipeline/data-parallel ranks of this process). The
+            ranks that hold the same shard are the dp x cp ranks (context-parallel ranks hold
+            the same weights), so those share the writing of each (tp, pp) cell's pieces.
     """
 
     def __init__(self, cfg: Config, engine, batches, layout: dict[str, int], ctx: ParallelContext) -> None:
@@ -122,7 +124,7 @@ class Checkpointer:
         self.dir = Path(cfg.run.dir) / "checkpoints"
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.params = local_params(engine.module, ctx.tp_rank, cfg.model.n_layers, cfg.parallel.pp > 1)
-        self.writers = assign_writers(self.params, ctx.dp)
+        self.writers = assign_writers(self.params, ctx.dp_cp)
         self.pending: BackgroundSave | None = None
         self.staging: dict[str, torch.Tensor] = {}  # host copies of the state, reused by every save
         self.extra: dict[str, Any] = {}  # more metadata saved with every tag (e.g. health counters)
@@ -299,12 +301,12 @@ class Checkpointer:
         """Collective: this rank's files of tag ``step``, as bytes producers over host copies."""
         c = self.ctx
         prepare_optimizer_state(self.engine)  # DeepSpeed's views of the moments, for every group
-        model, optim = gather_pieces(self.engine, self.params, self.writers, c.dp_rank, self.staging)
+        model, optim = gather_pieces(self.engine, self.params, self.writers, c.dp_cp_rank, self.staging)
         rng = rng_bytes()
         files: dict[str, Any] = {f"rng/rank_{self.rank:05d}.pt": lambda: rng}
         for kind, pieces in ((MODEL, model), (OPTIM, optim)):
             if pieces:
-                files[shard_file(kind, c.tp_rank, c.pp_rank, c.dp_rank)] = lambda p=pieces: pieces_bytes(p)
+                files[shard_file(kind, c.tp_rank, c.pp_rank, c.dp_cp_rank)] = lambda p=pieces: pieces_bytes(p)
         if self.rank == 0:
             text = json.dumps(self._meta(step), indent=1, default=str).encode()
             files["meta.json"] = lambda: text

@@ -69,7 +69,9 @@ def deepspeed_config(cfg: Config, dp: int, device: torch.device) -> dict[str, An
         bucket = zero_bucket_elements(param_count(cfg.model))
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     return {
-        "train_batch_size": cfg.training.global_batch,
+        # DeepSpeed's "data parallel" is dp x cp (ParallelContext.as_mpu): each cp rank counts as
+        # a rank reading global_batch / dp sequences' worth of its own tokens.
+        "train_batch_size": cfg.training.global_batch * cfg.parallel.cp,
         "train_micro_batch_size_per_gpu": cfg.training.micro_batch,
         "gradient_accumulation_steps": gradient_accumulation(cfg, dp),
         "gradient_clipping": cfg.optim.grad_clip,
@@ -93,8 +95,8 @@ def build_engine(cfg: Config, model: nn.Module, dp: int, device: torch.device, m
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
 
     ``mpu``: :meth:`megalm.parallel.ParallelContext.as_mpu`, so DeepSpeed averages
-    gradients over the data-parallel group only and counts TP shards once in the
-    gradient norm.
+    gradients over the data-parallel (dp x cp) group only and counts TP shards once in
+    the gradient norm.
 
     Returns:
         The ``DeepSpeedEngine`` (``engine(tokens, labels)`` gives the loss,

@@ -148,12 +148,13 @@ def evaluate(loaded: Loaded, data: list[str], split: str = "val", windows: int |
     cfg, ctx = loaded.cfg, loaded.ctx
     packed, name = open_windows(loaded, data, split)
     n = window_count(loaded, len(packed), windows, not data)
-    batches = eval_batches(packed, n, cfg.training.micro_batch, ctx.dp_rank, ctx.dp, cfg.data.document_mask)
+    mb, ids = cfg.training.micro_batch, cfg.data.document_mask
+    batches = eval_batches(packed, n, mb, ctx.dp_rank, ctx.dp, ids, ctx.cp_rank, ctx.cp)
     loss = loaded.strategy.eval_loss(batches)
     per_token = token_bytes(loaded.manifest.tokenizer_file)
     n_bytes = sum(int(per_token[packed.window(int(i))[1:]].sum()) for i in np.arange(n) % len(packed))
     tokens = n * cfg.model.seq_len
-    layout = {"tp": ctx.tp, "pp": ctx.dims.pp, "dp": ctx.dp, "zero": cfg.zero.stage}
+    layout = {"tp": ctx.tp, "pp": ctx.dims.pp, "dp": ctx.dp, "zero": cfg.zero.stage, "cp": ctx.cp}
     bpb = tokens * loss / (math.log(2) * n_bytes) if n_bytes else float("nan")
     return EvalResult(
         str(loaded.tag), loaded.step, name, n, tokens, n_bytes, loss, math.exp(loss), bpb, layout

@@ -9,6 +9,7 @@ import torch
 from megalm.config import Config
 from megalm.data import eval_batches
 from megalm.model import Sampling, decoding, generate
+from megalm.parallel import ParallelContext
 from megalm.train.metrics import MetricsLog
 from megalm.train.strategy import Strategy
 
@@ -19,15 +20,16 @@ class Evaluator:
 
     Args:
         val_windows: the held-out :class:`megalm.data.PackedWindows`, or ``None`` (no split).
-        dp_rank, dp: this rank's data-parallel slice of the windows.
+        ctx: the grid: this rank takes its data-parallel slice of the windows and its
+            context-parallel tokens of each.
         log: rank 0's metrics log (records ``{"step", "val_loss"}``), ``None`` elsewhere.
     """
 
     def __init__(
-        self, cfg: Config, strategy: Strategy, val_windows, dp_rank: int, dp: int, log: MetricsLog | None
+        self, cfg: Config, strategy: Strategy, val_windows, ctx: ParallelContext, log: MetricsLog | None
     ) -> None:
         self.cfg, self.strategy, self.val_windows = cfg, strategy, val_windows
-        self.dp_rank, self.dp, self.log = dp_rank, dp, log
+        self.ctx, self.log = ctx, log
         self.last_step: int | None = None
         self.last_loss: float | None = None
 
@@ -44,9 +46,9 @@ class Evaluator:
             return None
         t = self.cfg.training
         n = t.eval_batches * t.global_batch
-        ids = self.cfg.data.document_mask
+        c, ids = self.ctx, self.cfg.data.document_mask
         loss = self.strategy.eval_loss(
-            eval_batches(self.val_windows, n, t.micro_batch, self.dp_rank, self.dp, ids)
+            eval_batches(self.val_windows, n, t.micro_batch, c.dp_rank, c.dp, ids, c.cp_rank, c.cp)
         )
         self.last_step, self.last_loss = step, loss
         if self.log is not None:

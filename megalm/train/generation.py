@@ -39,9 +39,10 @@ class PipelineLM:
         self.module, self.ctx, self.cfg = module, ctx, cfg
         dims, pp = ctx.dims, ctx.dims.pp
         self.first, self.last = ctx.pp_rank == 0, ctx.pp_rank == pp - 1
-        self.prev = dims.rank_of(ctx.tp_rank, ctx.dp_rank, ctx.pp_rank - 1) if not self.first else None
-        self.next = dims.rank_of(ctx.tp_rank, ctx.dp_rank, ctx.pp_rank + 1) if not self.last else None
-        self.last_rank = dims.rank_of(ctx.tp_rank, ctx.dp_rank, pp - 1)
+        t, d, c = ctx.tp_rank, ctx.dp_rank, ctx.cp_rank  # the stages of this rank's pipeline
+        self.prev = dims.rank_of(t, d, ctx.pp_rank - 1, c) if not self.first else None
+        self.next = dims.rank_of(t, d, ctx.pp_rank + 1, c) if not self.last else None
+        self.last_rank = dims.rank_of(t, d, pp - 1, c)
 
     @torch.no_grad()
     def __call__(

@@ -4,7 +4,7 @@
 check the layout against the real world size -> open the run's data manifest ->
 start the process group -> groups -> step strategy) and installs the weights
 through the trainer's :class:`megalm.train.checkpoint.Checkpointer`, so whatever
-launcher and layout (TP, PP, DP, ZeRO) the trainer runs under, evaluation and
+launcher and layout (TP, PP, CP, DP, ZeRO) the trainer runs under, evaluation and
 generation run under too, and they read whatever checkpoint format it writes.
 
 The config is the run's own (saved in the checkpoint), plus command-line overrides
@@ -84,13 +84,13 @@ def open_checkpoint(checkpoint: str | Path, overrides: list[str] | tuple[str, ..
     cfg = checkpoint_config(tag, overrides)
     ranks = discover_ranks()
     layout = check_layout(cfg, ranks.world_size, ranks.world_from)
-    dims = ParallelDims.from_world(ranks.world_size, layout.tp, layout.pp)
+    dims = ParallelDims.from_world(ranks.world_size, layout.tp, layout.pp, layout.cp)
     manifest = load_manifest(cfg.data.dir, cfg.data)
     cfg = resolve_vocab(cfg, manifest)
     info = init_distributed(cfg, ranks)
     ctx = ParallelContext(dims, timedelta(seconds=cfg.dist.timeout_s))
     torch.manual_seed(cfg.run.seed)
     strategy = build_strategy(cfg, ctx, info)
-    layout_meta = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": cfg.zero.stage}
+    layout_meta = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": cfg.zero.stage, "cp": dims.cp}
     step = Checkpointer(cfg, strategy.engine, _NoLoader(), layout_meta, ctx).resume()
     return Loaded(cfg, tag, step, manifest, info, ctx, strategy)

@@ -9,8 +9,10 @@ Narayanan et al. 2019 PipeDream-Flush)::
 Every component initializes itself from its own seed, so a stage that builds only
 blocks 4..7 gets the weights the whole model has, and pp=N starts from the pp=1
 weights. The topology handed to DeepSpeed comes from megalm's grid: axes
-``pipe, data, model`` with ``model`` (= tp) fastest, the same rank meaning as
-:class:`megalm.parallel.ParallelDims`.
+``pipe, data, model`` with ``model`` (= tp) fastest and ``data`` covering cp x dp
+(``cp_rank + cp * dp_rank``), the same rank meaning as
+:class:`megalm.parallel.ParallelDims`; DeepSpeed's data-parallel reduction therefore
+spans dp x cp, as the plain engine's (``ParallelContext.as_mpu``).
 
 With ``data.document_mask`` the layers pass (hidden, position_ids, doc_ids) from stage
 to stage (``Doc*`` layers). Text is sampled from the stages by
@@ -94,8 +96,8 @@ def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
     require_vocab(m)
-    group, sp, L = ctx.tp_group, p.sequence_parallel, m.n_layers
-    embed_args = (m, group, sp, component_seed(init_seed, 0))
+    group, sp, L, cp_group = ctx.tp_group, p.sequence_parallel, m.n_layers, ctx.cp_group
+    embed_args = (m, group, sp, component_seed(init_seed, 0), cp_group)
     tied = m.tied
     docs = cfg.data.document_mask
     embedding, block, final_norm = (
@@ -106,7 +108,7 @@ def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
         if tied
         else LayerSpec(embedding, *embed_args)
     ]
-    layers += [LayerSpec(block, m, group, sp, component_seed(init_seed, 1 + i)) for i in range(L)]
+    layers += [LayerSpec(block, m, group, sp, component_seed(init_seed, 1 + i), cp_group) for i in range(L)]
     layers.append(LayerSpec(final_norm, m, group, sp))
     if tied:
         layers.append(
@@ -116,7 +118,7 @@ def build_pipeline(cfg: Config, ctx: ParallelContext, init_seed: int):
         )
     else:
         layers.append(LayerSpec(Head, m, group, component_seed(init_seed, L + 1)))
-    topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=ctx.dp)
+    topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=ctx.dp_cp)
     module = PipelineModule(
         layers=layers,
         topology=topology,
@@ -199,7 +201,8 @@ def describe_partition(module, ctx: ParallelContext) -> list[str]:
     """One line per stage: its layer range and parameter count (collective; rank 0 gets all)."""
     mine = (ctx.pp_rank, module._local_start, module._local_stop, sum(p.numel() for p in module.parameters()))
     stages = [None] * dist.get_world_size()
-    dist.all_gather_object(stages, mine if ctx.tp_rank == 0 and ctx.dp_rank == 0 else None)
+    first = ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0
+    dist.all_gather_object(stages, mine if first else None)
     return [
         f"stage {s}: layers [{a}, {b}) of {len(module._layer_specs)}, {n / 1e6:.3f}M parameters per TP rank"
         for s, a, b, n in sorted(x for x in stages if x is not None)

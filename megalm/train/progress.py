@@ -120,10 +120,11 @@ class Progress:
         """The run's opening lines: layout, model, data, and the MFU convention with its peak."""
         cfg, m, p = self.cfg, self.cfg.model, self.cfg.parallel
         sp = " (sequence parallel)" if p.sequence_parallel else ""
+        cp = f" x cp {p.cp}" if p.cp > 1 else ""
         bubble = self.extra.get("pipeline_bubble", 0.0)
         return (
             f"megalm | launcher {launcher} | world {self.world_size} ({backend}, {self.device}) | "
-            f"tp {p.tp} x pp {p.pp} x dp {dp}{sp} | zero {cfg.zero.stage} | "
+            f"tp {p.tp}{cp} x pp {p.pp} x dp {dp}{sp} | zero {cfg.zero.stage} | "
             f"pipeline bubble (pp-1)/(m+pp-1) = {bubble:.2f} | {dtype}\n"
             f"model  | {m.family} L={m.n_layers} d={m.d_model} heads={m.n_heads}/{m.kv_heads} "
             f"T={m.seq_len} V={m.vocab_size} | {param_count(m, p.tp) / 1e6:.2f}M params\n"

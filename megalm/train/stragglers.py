@@ -157,6 +157,7 @@ def describe_comm_failure(e: BaseException, where: str, dims, hosts: list[str]) 
     missing = missing_ranks(rank, world, wait_s=WAIT_S)
     groups = {
         "tensor-parallel": dims.tp_groups(),
+        "context-parallel": dims.cp_groups(),
         "data-parallel": dims.dp_groups(),
         "pipeline": dims.pp_groups(),
     }

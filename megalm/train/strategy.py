@@ -60,14 +60,20 @@ class Strategy(Protocol):
 
 
 class PlainStep:
-    """pp = 1: :class:`megalm.model.GPT` (TP/SP layers inside) or the LSTM in a DeepSpeed engine."""
+    """pp = 1: :class:`megalm.model.GPT` (TP/SP layers and ring attention inside) or the LSTM in a
+    DeepSpeed engine.
+
+    With context parallelism each rank's loss is the mean over its tokens; the losses
+    reported here are averaged over dp x cp (equal token counts, so that is the mean over
+    the global batch).
+    """
 
     def __init__(
         self, cfg: Config, ctx: ParallelContext, info: DistInfo, health: Health | None = None
     ) -> None:
         p, t = cfg.parallel, cfg.training
         self.cfg, self.ctx, self.device, self.health = cfg, ctx, info.device, health
-        model = build_model(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed)
+        model = build_model(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed, ctx.cp_group)
         if t.recompute == "full":
             model.set_recompute(t.recompute_interval)
         self.mpu = ctx.as_mpu()
@@ -85,9 +91,9 @@ class PlainStep:
             # The data-parallel mean loss is known before the optimizer step, so the health
             # check can judge it (the same one all-reduce as after the step, moved earlier).
             loss = loss.float().clone()
-            if self.ctx.dp > 1:
-                dist.all_reduce(loss, group=self.ctx.dp_group)
-                loss /= self.ctx.dp
+            if self.ctx.dp_cp > 1:  # each cp rank's mean over its T/cp tokens: average over dp x cp
+                dist.all_reduce(loss, group=self.ctx.dp_cp_group)
+                loss /= self.ctx.dp_cp
             mean.append(loss)
             if self.health is not None:
                 self.health.set_pending(loss, gnorm)
@@ -106,7 +112,7 @@ class PlainStep:
             total[0] += self.engine(x, y, *ids).double() * x.size(0)
             total[1] += x.size(0)
         self.engine.train()
-        dist.all_reduce(total, group=self.ctx.dp_group)
+        dist.all_reduce(total, group=self.ctx.dp_cp_group)
         return (total[0] / total[1]).item()
 
 

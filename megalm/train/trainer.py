@@ -81,12 +81,14 @@ class Trainer:
         ranks = discover_ranks()
         layout = check_layout(cfg, ranks.world_size, ranks.world_from)
         check_precision(cfg)
-        dims = ParallelDims.from_world(ranks.world_size, layout.tp, layout.pp)
-        _, dp_rank, _ = dims.coords(ranks.rank)
+        dims = ParallelDims.from_world(ranks.world_size, layout.tp, layout.pp, layout.cp)
+        where = dims.grid_coords(ranks.rank)
         manifest = load_manifest(cfg.data.dir, cfg.data)
         self.cfg = cfg = resolve_vocab(cfg, manifest)
         seq, d, t = cfg.model.seq_len, cfg.data, cfg.training
-        self.batches = open_train_batches(d, manifest, seq, t.global_batch, t.micro_batch, dp_rank, dims.dp)
+        self.batches = open_train_batches(
+            d, manifest, seq, t.global_batch, t.micro_batch, where.dp, dims.dp, where.cp, dims.cp
+        )
         self.val_windows = open_split(manifest, "val", seq, d.on_bad_data, d.verify)
         self.tokenizer_file, self.eos_id = manifest.tokenizer_file, manifest.eos_id
 
@@ -108,7 +110,7 @@ class Trainer:
         if cfg.parallel.pp > 1:
             for line in describe_partition(self.strategy.module, self.ctx):
                 self._log0(f"pipe   | {line}")
-        layout_meta = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": cfg.zero.stage}
+        layout_meta = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": cfg.zero.stage, "cp": dims.cp}
         self.checkpointer = Checkpointer(cfg, self.engine, self.batches, layout_meta, self.ctx)
         self.log: MetricsLog | None = None
 
@@ -225,7 +227,7 @@ class Trainer:
             dtype = resolve_dtype(cfg, self.info.device)
             header = progress.header(self.info.launcher, self.info.backend, dtype, self.dp, self.accum, data)
             print(header, flush=True)
-        evaluator = Evaluator(cfg, self.strategy, self.val_windows, self.dp_rank, self.dp, self.log)
+        evaluator = Evaluator(cfg, self.strategy, self.val_windows, self.ctx, self.log)
         return progress, evaluator
 
     def _train_step(self, step: int):

@@ -1,0 +1,100 @@
+"""Report: bytes the attention ring sends per transformer layer per step, measured vs formula.
+
+    python launch/bench_cp_comm.py [--cp 2 4] [--tp 1] [--batch 2] [--seq 512] [--hidden 256]
+                                   [--heads 8] [--kv-heads 2] [--recompute] [--out runs/bench]
+
+Starts ``tp x cp`` CPU processes (gloo) per degree, counts every point-to-point send of
+the ring in one forward + backward (a 2-layer minus a 1-layer model), and prints the
+measured bytes next to :func:`megalm.perf.cp.ring_bytes_per_layer` (formula in
+``megalm/perf/cp.py``; fp32 on CPU). Writes ``cp_comm.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megalm.config import ModelConfig  # noqa: E402
+from megalm.parallel import ParallelContext, ParallelDims  # noqa: E402
+from megalm.perf.cp import measure_ring_bytes_per_layer, ring_bytes_per_layer  # noqa: E402
+
+
+def _worker(rank: int, world: int, tp: int, port: int, cfg: ModelConfig, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = ParallelContext(ParallelDims.from_world(world, tp=tp, cp=world // tp))
+    out = measure_ring_bytes_per_layer(cfg, args.batch, ctx.cp_group, ctx.tp_group, tp > 1, args.recompute)
+    queue.put((rank, out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(tp: int, cp: int, cfg: ModelConfig, args) -> list[dict[str, int]]:
+    """Every rank's counted bytes per layer (they must all be equal: the ring is balanced)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    world = tp * cp
+    procs = [ctx.Process(target=_worker, args=(r, world, tp, port, cfg, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=900) for _ in procs)
+    for p in procs:
+        p.join()
+    return [results[r] for r in range(world)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cp", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--recompute", action="store_true", help="full activation checkpointing of each block")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = p.parse_args(argv)
+    cfg = ModelConfig(
+        vocab_size=512, n_layers=1, d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        seq_len=args.seq, kernels="torch",
+    )  # fmt: skip
+    recompute = "full" if args.recompute else "none"
+    print(
+        f"ring bytes sent per rank per layer per step (fp32, b={args.batch} s={args.seq} h={args.hidden} "
+        f"kv heads={args.kv_heads} hs={cfg.head_size} tp={args.tp} recompute={recompute})"
+    )
+    print(f"{'cp':>3} {'measured':>12} {'formula':>12} {'ratio':>6}  by kind (measured)")
+    rows = []
+    for cp in args.cp:
+        per_rank = measure(args.tp, cp, cfg, args)
+        formula = ring_bytes_per_layer(cfg, args.batch, cp, args.tp, dtype_bytes=4, recompute=recompute)
+        m = per_rank[0]
+        total_m, total_f = sum(m.values()), sum(formula.values())
+        balanced = all(r == m for r in per_rank)
+        rows.append({"cp": cp, "tp": args.tp, "measured": per_rank, "formula": formula, "balanced": balanced,
+                     "ratio": total_m / total_f})  # fmt: skip
+        note = "" if balanced else "  (ranks differ!)"
+        print(f"{cp:>3} {total_m:>12,} {total_f:>12,} {total_m / total_f:>6.3f}  {m}{note}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cp_comm.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.out / 'cp_comm.json'}")
+    return 0 if all(r["ratio"] == 1.0 and r["balanced"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
