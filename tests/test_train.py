@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from megalm.train.metrics import read_metrics
 from tests.golden import SAME_ARITHMETIC, assert_matches_golden, golden_run_overrides
 from tests.launching import run_pretrain
+
+SHM = Path("/dev/shm")
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +52,11 @@ def test_single_process_run_writes_the_run_directory(golden_runs):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_dp2_matches_golden(golden_data, tmp_path, stage):
     """2 ranks x micro 2 x accum 2 == the golden 1 rank x micro 2 x accum 4, per step, every ZeRO stage."""
+    before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"zero.stage": stage}), "deepspeed", 2)
     assert_matches_golden(tmp_path, "llama")
+    # DeepSpeed's CPU shm all-reduce buffers (66 MB of RAM per rank) are not left behind
+    assert set(SHM.glob("deepspeed_allreduce_buffer_*")) <= before
 
 
 def test_torchrun_dp2_matches_golden(golden_data, tmp_path):

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as torch_dist
 
 from megalm.config import Config, ConfigError
+from megalm.train.ds_ops import release_shm_names
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -385,6 +386,7 @@ def init_distributed(cfg: Config, ranks: RankEnv | None = None) -> DistInfo:
             store = torch_dist.HashStore()
             torch_dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        release_shm_names(torch_dist.get_rank())  # DeepSpeed never unlinks its /dev/shm buffers
     return DistInfo(
         torch_dist.get_rank(),
         torch_dist.get_world_size(),

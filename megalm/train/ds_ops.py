@@ -9,6 +9,13 @@ on the machine hangs in ``FileBaton.wait``. ``make install`` runs this module on
 runs start with the op built; a lock older than ``STALE_LOCK_S`` whose build produced
 nothing since is removed first, with a note.
 
+The same op, once initialized (every rank of a one-node job started by the ``deepspeed``
+launcher, which sets ``LOCAL_SIZE``), creates a 66 MB shared-memory buffer per rank under
+``/dev/shm`` and never unlinks it: every such job left its buffers behind until the
+machine's memory (``/dev/shm`` is RAM) ran out. :func:`release_shm_names` unlinks this
+rank's buffer name once every rank has mapped its peers' buffers; the mappings stay valid
+and the memory is freed when the job's last process exits.
+
 Usage: ``python -m megalm.train.ds_ops`` (prints what it did; exit 0).
 """
 
@@ -44,6 +51,27 @@ def remove_stale_lock(op_dir: Path, now: float | None = None) -> bool:
         return False  # a build may still be running
     lock.unlink(missing_ok=True)
     return True
+
+
+def shm_buffer(rank: int) -> Path:
+    """The ``/dev/shm`` file of ``rank``'s all-reduce buffer (``SHM_BUFFER_NAME`` in DeepSpeed's
+    ``csrc/cpu/comm/shm.cpp``: ``<name>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_names(rank: int) -> None:
+    """Collective (after ``deepspeed.init_distributed``): unlink this rank's shm buffer name.
+
+    The barrier makes sure every rank has opened every peer's buffer (DeepSpeed's
+    ``shm_initialize`` maps them all before it returns); a missing name (a launcher without
+    ``LOCAL_SIZE``, several nodes, a GPU accelerator) is fine.
+    """
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    shm_buffer(rank).unlink(missing_ok=True)
 
 
 def build_comm_op() -> str:
