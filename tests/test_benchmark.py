@@ -133,7 +133,7 @@ def test_measured_model_states_and_activations_match_the_memory_model(tmp_path, 
     rows = json.loads((out / "results.json").read_text())
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*fixed, "model.vocab_size=512"]).model
     psi = param_count(cfg)
-    act = activation_bytes(cfg, 2, recipe=Recipe.megalm(cfg, "fp32", fused_kernels=False))
+    act = activation_bytes(cfg, 2, recipe=Recipe.megalm(cfg, "fp32"))
     for r in rows:
         stage = int(r["zero.stage"])
         bucket = zero_bucket_elements(psi)

@@ -133,14 +133,15 @@ class Recipe:
         return cls()
 
     @classmethod
-    def megalm(cls, cfg: ModelConfig, dtype: str, fused_kernels: bool) -> Recipe:
-        """megalm's model: flash attention (SDPA on CPU, Triton on GPU); the PyTorch
-        reference norms off CUDA keep the normalized input (``norm_extra=1``)."""
+    def megalm(cls, cfg: ModelConfig, dtype: str) -> Recipe:
+        """megalm's model: flash attention (SDPA on CPU, Triton on GPU); its norms save
+        their input and per-row statistics only, on both kernel paths (the Triton kernels
+        and the hand-differentiated PyTorch RMSNorm / native ``F.layer_norm``): ``norm_extra=0``."""
         return cls(
             act_bytes=4 if dtype == "fp32" else 2,
             mask_bytes=1 if cfg.dropout > 0 else 0,
             materialized_scores=False,
-            norm_extra=0 if fused_kernels else 1,
+            norm_extra=0,
             logits_bytes=4,
         )
 

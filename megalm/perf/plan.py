@@ -103,7 +103,7 @@ def estimate(
     gemm_efficiency: float = 0.8,
 ) -> Estimate:
     """Memory and step time of ``lay`` for ``cfg`` on ``dev`` (module docstring)."""
-    recipe = recipe or Recipe.megalm(cfg, "bf16", fused_kernels=True)
+    recipe = recipe or Recipe.megalm(cfg, "bf16")
     h, s, t, cp = cfg.d_model, cfg.seq_len, lay.tp, lay.cp
     n_micro = global_batch // (lay.micro_batch * lay.dp)
     psi = params_per_device(cfg, t, lay.pp)
