@@ -61,7 +61,7 @@ def test_fp32_angles_would_fail_the_same_bound_past_2k():
 def test_forward_rotates_each_channel_pair_by_position_times_frequency():
     T = 4096
     x = torch.randn(2, 3, T, HS, generator=torch.Generator().manual_seed(0))
-    y = Rotary(HS, T, BASE)(x)
+    y, _ = Rotary(HS, T, BASE)(x, x)
     xd = x.double().numpy()
     for m in POSITIONS:
         for i in range(HS // 2):
@@ -77,8 +77,8 @@ def test_scores_depend_only_on_the_relative_position_far_past_2k():
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(HS, generator=gen), torch.randn(HS, generator=gen)
     rope = Rotary(HS, T, BASE)
-    rq = rope(q.expand(1, 1, T, HS))[0, 0].double()  # (T, hs): q at every position
-    rk = rope(k.expand(1, 1, T, HS))[0, 0].double()
+    rq = rope(q.expand(1, 1, T, HS), q.expand(1, 1, T, HS))[0][0, 0].double()  # (T, hs): q at every position
+    rk = rope(k.expand(1, 1, T, HS), k.expand(1, 1, T, HS))[1][0, 0].double()
     for m, n in [(5, 2), (40, 40), (700, 3)]:
         near = (rq[m] @ rk[n]).item()
         for shift in (1000, 2500, 4095 - max(m, n)):
