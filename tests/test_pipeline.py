@@ -30,12 +30,12 @@ def test_pipeline_losses_match_golden(golden_data, tmp_path, pp, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_3d_tp2_pp2_dp2_matches_golden(golden_data, tmp_path, launcher):
+def test_3d_tp2_pp2_dp2_sp_matches_golden(golden_data, tmp_path):
+    """8 ranks, sequence parallel inside each pipeline stage (the deepspeed launcher with
+    tp/pp layouts: tests/test_launch_matrix.py)."""
     overrides = {**TEN_STEPS, "parallel.tp": 2, "parallel.pp": 2, "zero.stage": 1, "training.micro_batch": 1}
-    if launcher == "deepspeed":
-        overrides["parallel.sequence_parallel"] = "true"
-    run_pretrain(golden_run_overrides(tmp_path, golden_data, **overrides), launcher, 8)
+    overrides["parallel.sequence_parallel"] = "true"
+    run_pretrain(golden_run_overrides(tmp_path, golden_data, **overrides), "torchrun", 8)
     assert_matches_golden(tmp_path, "llama", FIRST_TEN)
 
 

@@ -49,9 +49,11 @@ def test_single_process_run_writes_the_run_directory(golden_runs):
     assert (run_dir / "checkpoints" / "step_00000020" / "COMPLETE").is_file()
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 3])
 def test_deepspeed_dp2_matches_golden(golden_data, tmp_path, stage):
-    """2 ranks x micro 2 x accum 2 == the golden 1 rank x micro 2 x accum 4, per step, every ZeRO stage."""
+    """2 ranks x micro 2 x accum 2 == the golden 1 rank x micro 2 x accum 4, per step. Each ZeRO
+    stage runs under one launcher here (0, 3: deepspeed; 1: torchrun; 2: mpirun); every stage
+    under every pp = 1 layout: tests/test_health.py, tests/test_benchmark.py."""
     before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"zero.stage": stage}), "deepspeed", 2)
     assert_matches_golden(tmp_path, "llama")
@@ -68,7 +70,7 @@ def test_torchrun_dp2_matches_golden(golden_data, tmp_path):
 def test_mpirun_dp2_matches_golden(golden_data, tmp_path):
     """mpirun (mpich + mpi4py rank discovery) gives the golden per-step numbers, as torchrun and
     deepspeed do above: the three launchers agree."""
-    run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"zero.stage": 1}), "mpirun", 2)
+    run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"zero.stage": 2}), "mpirun", 2)
     assert_matches_golden(tmp_path, "llama")
 
 
