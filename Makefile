@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
-.PHONY: help install install-dev data train test golden lint bench clean-run clean
+.PHONY: help install install-dev data train test golden lint bench compare-lstm clean-run clean
 
 help:
 	@echo "make train   install, build the stdlib corpus + tokenizer + shards, train configs/tiny.yaml"
@@ -19,6 +19,7 @@ help:
 	@echo "make golden  regenerate tests/golden/*.json (golden loss curves) and print the diff"
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   megalm step vs bare PyTorch step benchmark"
+	@echo "make compare-lstm  train the article's LSTM and the default Transformer on the same tokens, plot both"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,9 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed data
 	$(BIN)/python launch/bench_step.py --config $(CONFIG) $(ARGS)
+
+compare-lstm: $(VENV)/.installed data
+	$(BIN)/python launch/compare_lstm.py --config $(CONFIG) $(ARGS)
 
 clean-run:
 	rm -rf runs/tiny
