@@ -14,14 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from megalm.config import ConfigError  # noqa: E402
-from megalm.data import DataError  # noqa: E402
+from megalm.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        from megalm.train.eval_checkpoint import main
-
-        sys.exit(main())
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run("megalm.train.eval_checkpoint")

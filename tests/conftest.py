@@ -162,26 +162,28 @@ def _echo(config: pytest.Config, text: str) -> None:
         print("\n" + text, flush=True)
 
 
+# configs/tiny.yaml made a seconds-long run: the shape and schedule of every test run (the
+# golden runs add their own keys, tests/golden/__init__.py:GOLDEN_CONFIG).
+TINY: dict[str, object] = {
+    "model.n_layers": 2,
+    "model.d_model": 64,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.seq_len": 64,
+    "training.max_steps": 20,
+    "training.global_batch": 8,
+    "training.micro_batch": 2,
+    "training.log_interval": 1,
+    "training.eval_interval": 10,
+    "training.eval_batches": 1,
+    "training.save_interval": 10,
+    "training.sample_tokens": 8,
+    "optim.warmup_steps": 5,
+    "optim.decay_steps": 20,  # fixed, so a 10-step run then a resume to 20 has the same schedule
+}
+
+
 def tiny_overrides(run_dir: Path, data_dir: Path, **extra: object) -> list[str]:
     """Overrides that make configs/tiny.yaml a seconds-long run on the test shards."""
-    base = {
-        "run.dir": run_dir,
-        "data.dir": data_dir,
-        "model.n_layers": 2,
-        "model.d_model": 64,
-        "model.n_heads": 4,
-        "model.n_kv_heads": 2,
-        "model.seq_len": 64,
-        "training.max_steps": 20,
-        "training.global_batch": 8,
-        "training.micro_batch": 2,
-        "training.log_interval": 1,
-        "training.eval_interval": 10,
-        "training.eval_batches": 1,
-        "training.save_interval": 10,
-        "training.sample_tokens": 8,
-        "optim.warmup_steps": 5,
-        "optim.decay_steps": 20,  # fixed, so a 10-step run then a resume to 20 has the same schedule
-    }
-    base.update(extra)
+    base = {"run.dir": run_dir, "data.dir": data_dir, **TINY, **extra}
     return [f"{k}={v}" for k, v in base.items()]

@@ -57,6 +57,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import TINY
+
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = Path(__file__).resolve().parent
 CORPUS = ROOT / "tests" / "data" / "corpus.jsonl"
@@ -73,21 +75,8 @@ GRAD_NORM = 1e-4  # relative: DeepSpeed's fp32 partitioned norm vs megalm's fp64
 # The golden run, on configs/tiny.yaml. Four layers so pp=4 splits them; grad_clip below
 # the gradient norm so every layout's clipping (and its global norm) changes the update.
 GOLDEN_CONFIG: dict[str, object] = {
+    **TINY,
     "model.n_layers": 4,
-    "model.d_model": 64,
-    "model.n_heads": 4,
-    "model.n_kv_heads": 2,
-    "model.seq_len": 64,
-    "training.max_steps": 20,
-    "training.global_batch": 8,
-    "training.micro_batch": 2,
-    "training.log_interval": 1,
-    "training.eval_interval": 10,
-    "training.eval_batches": 1,
-    "training.save_interval": 10,
-    "training.sample_tokens": 8,
-    "optim.warmup_steps": 5,
-    "optim.decay_steps": 20,  # fixed, so a 10-step run, or one resumed at 10, has the same schedule
     "optim.grad_clip": 0.3,
     "precision.dtype": "fp32",
 }
