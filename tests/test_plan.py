@@ -77,6 +77,6 @@ def test_plan_cli_prints_best_and_rejections(capsys):
                      "--seq-len", "4096", "--global-batch", "64", "--top", "3"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "8.03B parameters" in out and "best of" in out and "rejected:" in out
-    assert "peak 989 TFLOP/s dense bf16" in out and "6*N_mm + 12*L*T*d" in out
+    assert "peak 989 TFLOP/s dense bf16" in out and "6*N_mm + 6*L*T*d" in out
     assert mod.main(["--model", str(PRESETS / "gpt3-175b.yaml"), "--devices", "8", "--device", "h100"]) == 1
     assert "no layout fits" in capsys.readouterr().out

@@ -149,7 +149,9 @@ def estimate(
     step = pipeline + dp_comm + optimizer
     devices = t * lay.pp * lay.dp * cp
     tokens = global_batch * s
-    model_flops = tokens * model_flops_per_token(cfg)
+    # causal count, as the roofline above runs causal attention (the non-causal convention
+    # would put long-sequence layouts above 100 % MFU)
+    model_flops = tokens * model_flops_per_token(cfg, causal=True)
     parts = {
         "compute": (n_micro + lay.pp - 1) * compute_stage,
         "bubble": (lay.pp - 1) * compute_stage,
@@ -274,7 +276,8 @@ def format_plan(p: Plan, top: int = 10) -> str:
         f"device {d.name}: peak {d.peak_flops / 1e12:.0f} TFLOP/s dense bf16, {d.memory_bytes / GB:.0f} GB "
         f"({p.usable_bytes / GB:.1f} GB usable), HBM {d.hbm_bytes_per_s / 1e12:.2f} TB/s, NVLink "
         f"{d.intra_node_bytes_per_s / GB:.0f} GB/s, IB {d.inter_node_bytes_per_s / GB:.0f} GB/s per GPU",
-        "predicted MFU = model FLOPs/step (6*N_mm + 12*L*T*d per token) / (devices x step time x peak)",
+        "predicted MFU = model FLOPs/step (6*N_mm + 6*L*T*d per token: causal attention, as in the "
+        "step time) / (devices x step time x peak)",
         "",
         f"best of {len(p.fits)} layouts that fit {p.devices} devices:",
         f"{'#':>3} {'layout':<57} {'mem GB':>7} {'step s':>8} {'tok/s/dev':>10} {'MFU':>6}  "
