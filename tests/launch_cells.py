@@ -1,9 +1,8 @@
 """One cell of the launcher x layout matrix: launch ``launch/pretrain.py`` as users do, then check
-its per-step losses and gradient norms against one single-process run of the same config.
+its per-step losses and gradient norms against the golden llama curve (tests/golden), whose
+first 10 steps a cell runs on the golden data (the ``golden_data`` fixture).
 
 Shared by tests/test_launch_matrix.py, tests/test_multinode.py and tests/test_slurm_matrix.py.
-The single-process reference runs once per session (cached here, since those modules cannot
-share a fixture without tests/conftest.py); a cell is one multi-process run of 10 steps.
 """
 
 from __future__ import annotations
@@ -15,22 +14,21 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env, tiny_overrides
+from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env
+from tests.golden import assert_matches_golden, golden_run_overrides, load_golden
 
 SCRIPT = str(ROOT / "launch" / "pretrain.py")
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
-# 10 steps of the tiny test model; grad_clip below the gradient norm (about 0.7), so clipping
-# is active in every step and a wrong norm under some layout changes its losses too.
-CELL = {"training.max_steps": 10, "optim.grad_clip": 0.3, "training.sample_tokens": 0}
-LOSS_RTOL = 1e-5
-NORM_RTOL = 1e-4
+# The golden run's first 10 steps (its grad_clip is below the gradient norm, so clipping is
+# active in every step and a wrong norm under some layout changes its losses too).
+CELL = {"training.max_steps": 10, "training.sample_tokens": 0}
+STEPS = range(1, 11)
 LAYOUTS = {
     "tp2": {"parallel.tp": 2},
     "pp2-zero1": {"parallel.pp": 2, "zero.stage": 1},
     "pp2-zero0": {"parallel.pp": 2},
     "tp2-pp2": {"parallel.tp": 2, "parallel.pp": 2, "training.micro_batch": 1},
 }
-_REFERENCE: dict[Path, dict[int, dict]] = {}
 
 
 def free_port() -> int:
@@ -39,9 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cell_args(run_dir: Path, shards_dir: Path, **layout: object) -> list[str]:
-    """``--config tiny.yaml`` and the overrides of one cell (the reference has no ``layout``)."""
-    return ["--config", CONFIG, *tiny_overrides(run_dir, shards_dir, **{**CELL, **layout})]
+def cell_args(run_dir: Path, golden_data: Path, **layout: object) -> list[str]:
+    """``--config tiny.yaml`` and the overrides of one cell: the golden llama run plus ``layout``."""
+    return ["--config", CONFIG, *golden_run_overrides(run_dir, golden_data, **{**CELL, **layout})]
 
 
 def launcher_command(launcher: str, nproc: int) -> list[str]:
@@ -84,19 +82,9 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
 
 
-def reference(shards_dir: Path, root: Path) -> dict[int, dict]:
-    """The single-process run's records, run once per session (under ``root``)."""
-    if shards_dir not in _REFERENCE:
-        run_dir = root / "reference"
-        proc = run([PYTHON, SCRIPT, *cell_args(run_dir, shards_dir)])
-        assert proc.returncode == 0, proc.stdout[-3000:]
-        _REFERENCE[shards_dir] = metrics(run_dir)
-    return _REFERENCE[shards_dir]
-
-
 @dataclass(frozen=True)
 class Agreement:
-    """Worst per-step differences of a run from the reference."""
+    """Worst per-step differences of a run from the golden curve."""
 
     loss_rel: float
     norm_rel: float
@@ -106,19 +94,21 @@ class Agreement:
         return f"loss rel {self.loss_rel:.1e}, grad norm rel {self.norm_rel:.1e} (abs {self.norm_abs:.1e})"
 
 
-def assert_matches_reference(name: str, ref: dict[int, dict], run_dir: Path, log: str = "") -> Agreement:
-    """Every step's loss within 1e-5 relative and grad norm within 1e-4 relative of ``ref``."""
+def assert_cell_matches_golden(name: str, run_dir: Path, log: str = "") -> Agreement:
+    """The golden llama curve's steps 1-10 (losses within 1e-5, grad norms within 1e-4 relative,
+    same config, data and versions: :func:`tests.golden.assert_matches_golden`); prints the
+    worst differences."""
     got = metrics(run_dir)
-    assert sorted(got) == sorted(ref) == list(range(1, CELL["training.max_steps"] + 1)), log[-3000:]
+    assert sorted(got) == list(STEPS), log[-3000:]
     missing = [s for s in got if got[s].get("grad_norm") is None]
     assert not missing, f"{name}: grad_norm is null at steps {missing}"
-    loss = max(abs(got[s]["loss"] - ref[s]["loss"]) / abs(ref[s]["loss"]) for s in ref)
-    norm_abs = max(abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) for s in ref)
-    norm = max(abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) / ref[s]["grad_norm"] for s in ref)
+    ref = {r["step"]: r for r in load_golden("llama")["steps"]}
+    loss = max(abs(got[s]["loss"] - ref[s]["loss"]) / abs(ref[s]["loss"]) for s in STEPS)
+    norm_abs = max(abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) for s in STEPS)
+    norm = max(abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) / ref[s]["grad_norm"] for s in STEPS)
     result = Agreement(loss, norm, norm_abs)
     print(f"cell {name}: {result}")
-    assert loss <= LOSS_RTOL, f"{name}: {result}"
-    assert norm <= NORM_RTOL, f"{name}: {result}"
+    assert_matches_golden(run_dir, "llama", STEPS)
     return result
 
 

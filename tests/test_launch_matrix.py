@@ -1,5 +1,5 @@
 """Every launcher with every layout: torchrun, deepspeed and mpirun (mpich + mpi4py) x {tp 2,
-pp 2 with ZeRO-1} on 2 ranks give the single-process losses (<= 1e-5 relative) and gradient
+pp 2 with ZeRO-1} on 2 ranks give the golden single-process losses (<= 1e-5 relative) and gradient
 norms (<= 1e-4 relative), and a world size that does not fit the layout is one ``error:`` line
 naming the launcher's variables. srun's cells are in tests/test_slurm_matrix.py, the
 multi-node runs in tests/test_multinode.py.
@@ -12,12 +12,11 @@ import pytest
 from tests.conftest import VENV_BIN
 from tests.launch_cells import (
     LAYOUTS,
-    assert_matches_reference,
+    assert_cell_matches_golden,
     assert_one_error_line,
     cell_args,
     dist_lines,
     launcher_command,
-    reference,
     run,
 )
 
@@ -28,11 +27,6 @@ needs_mpi = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def ref(shards_dir, tmp_path_factory):
-    return reference(shards_dir, tmp_path_factory.mktemp("reference"))
-
-
 def _marks(launcher: str) -> list:
     return [needs_mpi] if launcher == "mpirun" else []
 
@@ -41,19 +35,19 @@ def _marks(launcher: str) -> list:
     ("launcher", "layout"),
     [pytest.param(lau, lay, marks=_marks(lau)) for lau in LAUNCHERS for lay in ("tp2", "pp2-zero1")],
 )
-def test_two_ranks_equal_single_process(ref, shards_dir, tmp_path, launcher, layout):
-    proc = run([*launcher_command(launcher, 2), *cell_args(tmp_path, shards_dir, **LAYOUTS[layout])])
+def test_two_ranks_equal_single_process(golden_data, tmp_path, launcher, layout):
+    proc = run([*launcher_command(launcher, 2), *cell_args(tmp_path, golden_data, **LAYOUTS[layout])])
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert dist_lines(proc.stdout) == [(launcher, 0, 2, 0, 2), (launcher, 1, 2, 1, 2)]
-    assert_matches_reference(f"{launcher} {layout}", ref, tmp_path, proc.stdout)
+    assert_cell_matches_golden(f"{launcher} {layout}", tmp_path, proc.stdout)
 
 
-def test_pp2_zero0_reports_the_single_process_grad_norm(ref, shards_dir, tmp_path):
+def test_pp2_zero0_reports_the_single_process_grad_norm(golden_data, tmp_path):
     """ZeRO-0 fp32 under PP: DeepSpeed's pipeline engine keeps no norm; megalm measures it (and
     clips with it) as the plain path does, so grad_norm is logged and equals one process."""
-    proc = run([*launcher_command("torchrun", 2), *cell_args(tmp_path, shards_dir, **LAYOUTS["pp2-zero0"])])
+    proc = run([*launcher_command("torchrun", 2), *cell_args(tmp_path, golden_data, **LAYOUTS["pp2-zero0"])])
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert_matches_reference("torchrun pp2-zero0", ref, tmp_path, proc.stdout)
+    assert_cell_matches_golden("torchrun pp2-zero0", tmp_path, proc.stdout)
 
 
 @pytest.mark.parametrize(
@@ -67,9 +61,9 @@ def test_pp2_zero0_reports_the_single_process_grad_norm(ref, shards_dir, tmp_pat
     ],
 )
 def test_wrong_world_size_is_one_error_line_naming_the_launcher_variables(
-    shards_dir, tmp_path, launcher, names
+    golden_data, tmp_path, launcher, names
 ):
-    proc = run([*launcher_command(launcher, 2), *cell_args(tmp_path, shards_dir, **{"parallel.tp": 4})])
+    proc = run([*launcher_command(launcher, 2), *cell_args(tmp_path, golden_data, **{"parallel.tp": 4})])
     assert proc.returncode != 0
     line = assert_one_error_line(proc.stdout, "tp(4) * pp(1) * dp(1) != world_size(2)", *names)
     assert line.endswith(")"), line  # nothing but the world-size problem

@@ -17,11 +17,10 @@ from tests.conftest import ROOT, VENV_BIN, subprocess_env
 from tests.launch_cells import (
     LAYOUTS,
     SCRIPT,
-    assert_matches_reference,
+    assert_cell_matches_golden,
     cell_args,
     dist_lines,
     free_port,
-    reference,
     run,
 )
 
@@ -70,17 +69,12 @@ def test_master_address_is_the_name_when_it_resolves_else_kept(monkeypatch):
     assert reachable_address("megalm-no-such-host.invalid") == "megalm-no-such-host.invalid"
 
 
-@pytest.fixture(scope="module")
-def ref(shards_dir, tmp_path_factory):
-    return reference(shards_dir, tmp_path_factory.mktemp("reference"))
-
-
 @pytest.mark.slow
-def test_two_torchrun_agents_tp2_dp2_equal_single_process(ref, shards_dir, tmp_path):
+def test_two_torchrun_agents_tp2_dp2_equal_single_process(golden_data, tmp_path):
     """Two ``torchrun --nnodes 2 --node_rank i`` agents of 2 ranks each meet at a c10d rendezvous
     on localhost: 4 ranks, tp 2 x dp 2, each agent's ranks local 0/2 and 1/2."""
     port = free_port()
-    args = cell_args(tmp_path, shards_dir, **LAYOUTS["tp2"])
+    args = cell_args(tmp_path, golden_data, **LAYOUTS["tp2"])
     agents = [
         subprocess.Popen(
             [
@@ -113,12 +107,12 @@ def test_two_torchrun_agents_tp2_dp2_equal_single_process(ref, shards_dir, tmp_p
     ] * 2
     assert sorted(rank for r in ranks for _, rank, *_ in r) == [0, 1, 2, 3]
     assert "tp 2 x pp 1 x dp 2" in "".join(logs)
-    assert_matches_reference("torchrun 2 agents tp2 x dp2", ref, tmp_path, "".join(logs))
+    assert_cell_matches_golden("torchrun 2 agents tp2 x dp2", tmp_path, "".join(logs))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (VENV_BIN / "mpiexec").exists(), reason="no mpiexec: pip install mpich mpi4py")
-def test_deepspeed_hostfile_through_mpich_equals_single_process(ref, shards_dir, tmp_path):
+def test_deepspeed_hostfile_through_mpich_equals_single_process(golden_data, tmp_path):
     """``deepspeed --hostfile`` with two hosts (localhost and this machine's name, one slot each)
     and ``--launcher mpich``: DeepSpeed runs ``mpirun -hosts localhost,<name>`` (hydra forks
     local hosts, no ssh) and exports RANK/WORLD_SIZE/LOCAL_SIZE; tp 2 spans the two hosts."""
@@ -139,10 +133,10 @@ def test_deepspeed_hostfile_through_mpich_equals_single_process(ref, shards_dir,
             "--master_port",
             str(free_port()),
             SCRIPT,
-            *cell_args(tmp_path / "run", shards_dir, **LAYOUTS["tp2"]),
+            *cell_args(tmp_path / "run", golden_data, **LAYOUTS["tp2"]),
         ],
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "mpirun -n 2 -ppn 1" in proc.stdout and f"-hosts localhost,{hostname}" in proc.stdout
     assert dist_lines(proc.stdout) == [("deepspeed", 0, 2, 0, 1), ("deepspeed", 1, 2, 0, 1)]
-    assert_matches_reference("deepspeed --hostfile (mpich) tp2", ref, tmp_path / "run", proc.stdout)
+    assert_cell_matches_golden("deepspeed --hostfile (mpich) tp2", tmp_path / "run", proc.stdout)

@@ -24,12 +24,11 @@ from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env
 from tests.launch_cells import (
     LAYOUTS,
     SCRIPT,
-    assert_matches_reference,
+    assert_cell_matches_golden,
     assert_one_error_line,
     cell_args,
     dist_lines,
     free_port,
-    reference,
     run,
 )
 from tests.test_multinode import HOSTLISTS
@@ -87,11 +86,6 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def ref(shards_dir, tmp_path_factory):
-    return reference(shards_dir, tmp_path_factory.mktemp("reference"))
-
-
 def srun(nodes: int, ntasks: int) -> list[str]:
     return ["srun", f"--nodes={nodes}", f"--ntasks={ntasks}", "--cpus-per-task=1", "--kill-on-bad-exit=1"]
 
@@ -122,26 +116,26 @@ def test_hostlists_match_live_scontrol(slurm):
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2-zero1"])
-def test_srun_two_ranks_equal_single_process(slurm, ref, shards_dir, tmp_path, layout):
-    proc = run([*srun(1, 2), PYTHON, SCRIPT, *cell_args(tmp_path, shards_dir, **LAYOUTS[layout])], env=slurm)
+def test_srun_two_ranks_equal_single_process(slurm, golden_data, tmp_path, layout):
+    proc = run([*srun(1, 2), PYTHON, SCRIPT, *cell_args(tmp_path, golden_data, **LAYOUTS[layout])], env=slurm)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert dist_lines(proc.stdout) == [("srun", 0, 2, 0, 2), ("srun", 1, 2, 1, 2)]
-    assert_matches_reference(f"srun {layout}", ref, tmp_path, proc.stdout)
+    assert_cell_matches_golden(f"srun {layout}", tmp_path, proc.stdout)
 
 
-def test_srun_tp2_pp2_on_two_nodes_equals_single_process(slurm, ref, shards_dir, tmp_path):
+def test_srun_tp2_pp2_on_two_nodes_equals_single_process(slurm, golden_data, tmp_path):
     """4 ranks, 2 per node: each pipeline stage's TP pair on one node, the stages on different
     nodes; ZeRO-0 fp32, so the gradient norm is megalm's own over the pipe x tensor group."""
     proc = run(
-        [*srun(2, 4), PYTHON, SCRIPT, *cell_args(tmp_path, shards_dir, **LAYOUTS["tp2-pp2"])], env=slurm
+        [*srun(2, 4), PYTHON, SCRIPT, *cell_args(tmp_path, golden_data, **LAYOUTS["tp2-pp2"])], env=slurm
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert dist_lines(proc.stdout) == [("srun", r, 4, r % 2, 2) for r in range(4)]
     assert proc.stdout.count("master 127.0.0.1:") == 4  # megalm-n1's NodeAddr
-    assert_matches_reference("srun 2 nodes tp2 x pp2", ref, tmp_path, proc.stdout)
+    assert_cell_matches_golden("srun 2 nodes tp2 x pp2", tmp_path, proc.stdout)
 
 
-def test_pretrain_sbatch_two_nodes_tp2_dp2_equals_single_process(slurm, ref, shards_dir, tmp_path):
+def test_pretrain_sbatch_two_nodes_tp2_dp2_equals_single_process(slurm, golden_data, tmp_path):
     out = tmp_path / "slurm.out"
     job = sbatch(
         slurm,
@@ -149,22 +143,22 @@ def test_pretrain_sbatch_two_nodes_tp2_dp2_equals_single_process(slurm, ref, sha
         "--nodes=2",
         "--ntasks-per-node=2",
         str(SBATCH / "pretrain.sbatch"),
-        *cell_args(tmp_path / "run", shards_dir, **LAYOUTS["tp2"]),
+        *cell_args(tmp_path / "run", golden_data, **LAYOUTS["tp2"]),
     )
     wait_done(slurm, job, out)
     log = out.read_text()
     assert f"megalm job {job} on {NODES}" in log and "srun exited with 0" in log
     assert dist_lines(log) == [("srun", r, 4, r % 2, 2) for r in range(4)]
     assert "tp 2 x pp 1 x dp 2" in log
-    assert_matches_reference("sbatch 2 nodes tp2 x dp2", ref, tmp_path / "run", log)
+    assert_cell_matches_golden("sbatch 2 nodes tp2 x dp2", tmp_path / "run", log)
 
 
-def test_deepspeed_hostfile_through_slurm_equals_single_process(slurm, ref, shards_dir, tmp_path):
+def test_deepspeed_hostfile_through_slurm_equals_single_process(slurm, golden_data, tmp_path):
     """In a two-node allocation: make_hostfile.sh writes one line per node, and
     ``deepspeed --hostfile --launcher slurm`` starts the ranks with ``srun`` (no ssh/pdsh);
     megalm reads them from Slurm (tp 2 across the two nodes)."""
     hostfile = tmp_path / "hostfile"
-    args = " ".join(cell_args(tmp_path / "run", shards_dir, **LAYOUTS["tp2"]))
+    args = " ".join(cell_args(tmp_path / "run", golden_data, **LAYOUTS["tp2"]))
     script = (
         f"bash {SBATCH / 'make_hostfile.sh'} {hostfile} 1 && "
         f"{VENV_BIN / 'deepspeed'} --hostfile {hostfile} --launcher slurm --no_ssh_check "
@@ -176,20 +170,20 @@ def test_deepspeed_hostfile_through_slurm_equals_single_process(slurm, ref, shar
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert hostfile.read_text() == "megalm-n1 slots=1\nmegalm-n2 slots=1\n"
     assert dist_lines(proc.stdout) == [("srun", 0, 2, 0, 1), ("srun", 1, 2, 0, 1)]
-    assert_matches_reference("deepspeed --hostfile (slurm) tp2", ref, tmp_path / "run", proc.stdout)
+    assert_cell_matches_golden("deepspeed --hostfile (slurm) tp2", tmp_path / "run", proc.stdout)
 
 
-def test_srun_wrong_world_size_is_one_error_line(slurm, shards_dir, tmp_path):
+def test_srun_wrong_world_size_is_one_error_line(slurm, golden_data, tmp_path):
     proc = run(
-        [*srun(1, 2), PYTHON, SCRIPT, *cell_args(tmp_path, shards_dir, **{"parallel.tp": 4})], env=slurm
+        [*srun(1, 2), PYTHON, SCRIPT, *cell_args(tmp_path, golden_data, **{"parallel.tp": 4})], env=slurm
     )
     assert proc.returncode != 0
     assert_one_error_line(proc.stdout, "world_size(2)", "world size from srun: SLURM_STEP_NUM_TASKS=2")
 
 
-def test_benchmark_sweep_with_tp2_under_slurm_measures_both(slurm, shards_dir, tmp_path):
+def test_benchmark_sweep_with_tp2_under_slurm_measures_both(slurm, golden_data, tmp_path):
     out = tmp_path / "slurm.out"
-    model = [a for a in cell_args(tmp_path, shards_dir) if a.startswith(("model.", "data.dir="))]
+    model = [a for a in cell_args(tmp_path, golden_data) if a.startswith(("model.", "data.dir="))]
     job = sbatch(
         slurm,
         out,
