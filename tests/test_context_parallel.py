@@ -344,13 +344,14 @@ def single_process(shards_dir, tmp_path_factory) -> dict[str, object]:
         ("llama", {"parallel.cp": 2, "zero.stage": 1}),
         ("llama", {"parallel.cp": 4, "zero.stage": 3, "training.recompute": "full"}),
         ("gpt2", {"parallel.cp": 2, "zero.stage": 2, "training.recompute": "full"}),
+        ("gpt2", {"parallel.cp": 4}),
         (
             "llama",
             {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": "true", "zero.stage": 1},
         ),
         ("llama", {"parallel.cp": 2, "parallel.pp": 2, "zero.stage": 1, "training.recompute": "full"}),
     ],
-    ids=["cp2-zero1", "cp4-zero3-recompute", "gpt2-cp2-zero2-recompute", "tp2-sp-cp2", "pp2-cp2"],
+    ids=["cp2-zero1", "cp4-zero3-recompute", "gpt2-cp2-zero2-recompute", "gpt2-cp4", "tp2-sp-cp2", "pp2-cp2"],
 )
 def test_cp_training_equals_single_process(single_process, shards_dir, tmp_path, family, layout):
     """cp 2 and 4 for both families (GQA: 4 query / 2 K/V heads), tp 2 x cp 2 and pp 2 x cp 2 on
