@@ -28,7 +28,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e .
-	$(BIN)/python -m megalm.train.ds_ops
+	$(BIN)/python -c "from megalm.train.ds_ops import build_comm_op; print(build_comm_op())"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -76,7 +76,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing build it concurrently behind a lock, and a test killed mid-build would leave
     that lock for every later test to wait on (megalm/train/ds_ops.py)."""
     env = subprocess_env() | {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    cmd = [PYTHON, "-m", "megalm.train.ds_ops"]
+    cmd = [PYTHON, "-c", "from megalm.train.ds_ops import build_comm_op; print(build_comm_op())"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(900))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -16,7 +16,8 @@ machine's memory (``/dev/shm`` is RAM) ran out. :func:`release_shm_names` unlink
 rank's buffer name once every rank has mapped its peers' buffers; the mappings stay valid
 and the memory is freed when the job's last process exits.
 
-Usage: ``python -m megalm.train.ds_ops`` (prints what it did; exit 0).
+Usage: ``python -c "from megalm.train.ds_ops import build_comm_op; print(build_comm_op())"``
+(what ``make install`` runs; ``-m`` would import the module twice through ``megalm.train``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,3 @@ def build_comm_op() -> str:
         return f"DeepSpeed's shm comm op is not used on this accelerator{note}"
     return f"DeepSpeed's shm comm op is built in {op_dir}{note}"
 
-
-if __name__ == "__main__":
-    print(build_comm_op(), flush=True)
