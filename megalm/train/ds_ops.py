@@ -88,4 +88,3 @@ def build_comm_op() -> str:
     if op is None:
         return f"DeepSpeed's shm comm op is not used on this accelerator{note}"
     return f"DeepSpeed's shm comm op is built in {op_dir}{note}"
-
