@@ -62,17 +62,23 @@ def shm_buffer(rank: int) -> Path:
 
 
 def release_shm_names(rank: int) -> None:
-    """Collective (after ``deepspeed.init_distributed``): unlink this rank's shm buffer name.
+    """Collective when there is a buffer (after ``deepspeed.init_distributed``): unlink this
+    rank's shm buffer name.
 
-    The barrier makes sure every rank has opened every peer's buffer (DeepSpeed's
-    ``shm_initialize`` maps them all before it returns); a missing name (a launcher without
-    ``LOCAL_SIZE``, several nodes, a GPU accelerator) is fine.
+    DeepSpeed creates the buffers on every rank or on none (all ranks of one node under a
+    launcher that sets ``LOCAL_SIZE``), and each rank's own before ``init_distributed``
+    returns, so a rank without one skips the barrier together with all others. The barrier
+    makes sure every rank has opened every peer's buffer (DeepSpeed's ``shm_initialize`` maps
+    them all before it returns) before any name goes.
     """
     import torch.distributed as dist
 
+    path = shm_buffer(rank)
+    if not path.exists():
+        return
     if dist.get_world_size() > 1:
         dist.barrier()
-    shm_buffer(rank).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def build_comm_op() -> str:
