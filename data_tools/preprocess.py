@@ -18,10 +18,11 @@ existing data set is replaced only with ``--overwrite``.
 
 The pipeline, stage by stage (:func:`preprocess`)::
 
-    read_records      main     raw bytes + file:line, in input order
-    _batched          main     lists of ``batch_docs`` records
-    pool.imap(_encode) workers  decode/validate, tokenize, val split, npy-encode
-    _write            main     tar members, progress (docs/s, tokens/s, ETA)
+    read_records           main     raw bytes + file:line, in input order
+    _batched               main     lists of ``batch_docs`` records
+    bounded_imap(_encode)  workers  decode/validate, tokenize, val split, npy-encode
+                                    (at most 4 x workers batches in flight)
+    _write                 main     tar members, progress (docs/s, tokens/s, ETA)
 
 Usage::
 
@@ -53,6 +54,7 @@ from tqdm import tqdm
 from data_tools.inputs import InputError, Record, decode_record, expand_inputs, read_records
 from data_tools.publish import check_output, staged_output
 from data_tools.train_tokenizer import EOS, PAD, load_tokenizer
+from megalm.data.pool import bounded_imap
 from megalm.data.shards import SUFFIX, sha256_file
 
 MANIFEST_VERSION = 3  # 3: document keys unique per data set; shard bytes, index_sha256
@@ -105,18 +107,6 @@ def _batched(records: Iterable[Record], docs: int, size: int = 1 << 19) -> Itera
             batch, nbytes = [], 0
     if batch:
         yield batch
-
-
-def _bounded(items: Iterable, slots: threading.BoundedSemaphore) -> Iterator:
-    for item in items:
-        slots.acquire()
-        yield item
-
-
-def _released(items: Iterable, slots: threading.BoundedSemaphore) -> Iterator:
-    for item in items:
-        slots.release()
-        yield item
 
 
 class _HashingFile:
@@ -280,12 +270,14 @@ def _tokenize(
         desc="tokenize",
         disable=None if progress is None else not progress,
     )  # None: only on a terminal
-    in_flight = threading.BoundedSemaphore(4 * max(1, workers))  # read ahead a few batches, not the corpus
+    ahead = 4 * max(1, workers)  # read ahead a few batches, not the corpus
+    stop = threading.Event()
     with mp.get_context("spawn").Pool(max(1, workers), _init_worker, (tok_src, settings)) as pool:
-        records = read_records(files, settings["text_key"])
-        batches = _bounded(_batched(records, batch_docs), in_flight)
-        encoded = pool.imap(_encode, batches)
-        stats = _write(_released(encoded, in_flight), writers, bar, total_bytes)
+        batches = _batched(read_records(files, settings["text_key"]), batch_docs)
+        try:
+            stats = _write(bounded_imap(pool, _encode, batches, ahead, stop), writers, bar, total_bytes)
+        finally:
+            stop.set()  # a bad record raised: the pool's exit joins its task thread, which waits for a slot
     bar.close()
     for w in writers.values():
         w.close()

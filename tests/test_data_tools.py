@@ -16,7 +16,7 @@ from data_tools.inputs import InputError
 from data_tools.megatron import MegatronWriter, export_megatron, import_megatron, read_megatron
 from data_tools.preprocess import preprocess
 from megalm.data import ShardDocuments, load_manifest, read_documents
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, scaled_timeout, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,28 @@ def test_non_utf8_and_empty_documents_raise_or_are_counted(tokenizer_path, tmp_p
     assert preprocess([str(broken)], tokenizer_path, tmp_path / "d", on_bad_input="skip")["skipped"] == {
         "bad_json": 1
     }
+
+
+def test_a_bad_record_ahead_of_a_long_input_is_one_error_line_not_a_hang(tokenizer_path, tmp_path):
+    """The bad record is first and more than the read-ahead (4 batches of 64 per worker) follows,
+    so the pool's task thread is waiting for a slot when the error reaches the main process; the
+    pool's exit must stop it (it hung there before ``bounded_imap`` took a stop event)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n" + "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(2000)))
+    r = subprocess.run(
+        [PYTHON, "-m", "data_tools.preprocess", "--input", str(bad), "--tokenizer", str(tokenizer_path)]
+        + ["--output", str(tmp_path / "out"), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+        timeout=scaled_timeout(120),
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [
+        f"error: {bad}:1: not valid JSON (Expecting property name enclosed in double quotes)"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def run_inspect(path: Path) -> subprocess.CompletedProcess:

@@ -42,6 +42,7 @@ import torch
 
 from megalm.data.order import BlendSchedule, GlobalOrderSampler
 from megalm.data.packed import PackedWindows
+from megalm.data.pool import bounded_imap
 from megalm.data.shards import DataError
 from megalm.parallel.context import shard_sequence
 
@@ -85,21 +86,6 @@ def _build(mb: _MicroBatch) -> tuple[list[np.ndarray], _MicroBatch]:
     """Worker side: the micro-batch as numpy arrays (cheap to send back)."""
     tensors, _ = _worker_builder[mb]
     return [t.numpy() for t in tensors], mb
-
-
-def _acquire(items: Iterator, slots: threading.BoundedSemaphore, stop: threading.Event) -> Iterator:
-    """Runs in the pool's task thread: hand out an item when a slot frees up, until ``stop``."""
-    for item in items:
-        while not slots.acquire(timeout=0.05):
-            if stop.is_set() or not threading.main_thread().is_alive():  # closed, or interpreter exit
-                return
-        yield item
-
-
-def _release(items: Iterator, slots: threading.BoundedSemaphore) -> Iterator:
-    for item in items:
-        slots.release()
-        yield item
 
 
 class TrainBatches:
@@ -173,10 +159,10 @@ class TrainBatches:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["megalm.data.loader"])
         self._pool = ctx.Pool(self.workers, _init_worker, (builder,))
-        slots = threading.BoundedSemaphore(2 * self.workers)  # prefetch two micro-batches per worker
         self._stop = threading.Event()
-        built = self._pool.imap(_build, _acquire(micro_batches, slots, self._stop))
-        return ((tuple(torch.from_numpy(a) for a in arrays), mb) for arrays, mb in _release(built, slots))
+        ahead = 2 * self.workers  # prefetch two micro-batches per worker
+        built = bounded_imap(self._pool, _build, micro_batches, ahead, self._stop)
+        return ((tuple(torch.from_numpy(a) for a in arrays), mb) for arrays, mb in built)
 
     def close(self) -> None:
         """Stop the worker processes (a later ``step_batches`` starts new ones)."""
