@@ -31,7 +31,6 @@ import argparse
 import io
 import shutil
 import struct
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from data_tools.inputs import InputError
 from data_tools.preprocess import ShardWriter, write_manifest
 from data_tools.publish import check_output, staged_output
 from data_tools.train_tokenizer import EOS, load_tokenizer
+from megalm.cli import bad_input
 from megalm.data.shards import ShardDocuments, load_manifest
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             n = export_megatron(args.input, args.output, args.split, not args.no_eos)
             print(f"wrote {n} documents to {args.output}.bin/.idx")
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(bad_input(e)) from None
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tarfile
 import threading
 import time
@@ -54,6 +53,7 @@ from tqdm import tqdm
 from data_tools.inputs import InputError, Record, decode_record, expand_inputs, read_records
 from data_tools.publish import check_output, staged_output
 from data_tools.train_tokenizer import EOS, PAD, load_tokenizer
+from megalm.cli import bad_input
 from megalm.data.pool import bounded_imap
 from megalm.data.shards import SUFFIX, sha256_file
 
@@ -341,8 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             overwrite=args.overwrite,
         )
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(bad_input(e)) from None
     for split in ("train", "val"):
         shards = [s for s in m["shards"] if s["split"] == split]
         print(

@@ -7,23 +7,20 @@ Prints a table and writes ``<out>/bench_checkpoint.json``. Goal: async blocked <
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import add_config_args, bad_input, bench_parser, write_report  # noqa: E402
 from megalm.config import ConfigError, load_config  # noqa: E402
 from megalm.data import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p = bench_parser(__doc__)
+    add_config_args(p)
     p.add_argument("--repeats", type=int, default=3, help="saves per mode (median reported)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, [*args.overrides, "training.resume=never"])
@@ -31,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
         r = measure_saves(cfg, args.repeats)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     med = r["median_s"]
     print(
         f"\ncheckpoint save: {r['model']}, {r['params'] / 1e6:.1f}M parameters, "
@@ -42,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sync':<8} {med['sync_blocked']:>12.3f} {med['sync_blocked']:>14.3f}")
     print(f"{'async':<8} {med['async_blocked']:>12.3f} {med['async_published']:>14.3f}")
     print(f"ratio async / sync blocked = {r['ratio_async_over_sync']:.3f} (goal <= 0.20)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_checkpoint.json").write_text(json.dumps(r, indent=2) + "\n")
-    print(f"wrote {args.out / 'bench_checkpoint.json'}")
+    write_report(args.out, "bench_checkpoint.json", r)
     return 0
 
 

@@ -11,8 +11,6 @@ measured bytes next to :func:`megalm.perf.cp.ring_bytes_per_layer` (formula in
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import sys
@@ -24,6 +22,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import bench_parser, write_report  # noqa: E402
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.parallel import ParallelContext, ParallelDims  # noqa: E402
 from megalm.perf.cp import measure_ring_bytes_per_layer, ring_bytes_per_layer  # noqa: E402
@@ -58,7 +57,7 @@ def measure(tp: int, cp: int, cfg: ModelConfig, args) -> list[dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__)
     p.add_argument("--cp", type=int, nargs="+", default=[2, 4])
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--batch", type=int, default=2)
@@ -67,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--recompute", action="store_true", help="full activation checkpointing of each block")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     cfg = ModelConfig(
         vocab_size=512, n_layers=1, d_model=args.hidden, n_heads=args.heads, n_kv_heads=args.kv_heads,
@@ -90,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                      "ratio": total_m / total_f})  # fmt: skip
         note = "" if balanced else "  (ranks differ!)"
         print(f"{cp:>3} {total_m:>12,} {total_f:>12,} {total_m / total_f:>6.3f}  {m}{note}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cp_comm.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.out / 'cp_comm.json'}")
+    write_report(args.out, "cp_comm.json", rows)
     return 0 if all(r["ratio"] == 1.0 and r["balanced"] for r in rows) else 1
 
 

@@ -10,33 +10,29 @@ table and writes ``<out>/bench_generate.json``. Goal: cache >= 5x the no-cache l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import add_config_args, bad_input, bench_parser, write_report  # noqa: E402
 from megalm.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/tiny.yaml")
+    p = bench_parser(__doc__)
+    add_config_args(p, default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"))
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path (median)")
     p.add_argument("--families", nargs="+", default=["llama", "gpt2", "lstm"])
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     import torch
 
     from megalm.perf.generation import bench_models, measure, table
@@ -51,15 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats}"
     )
     print(table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "bench_generate.json"
     record = {
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "rows": [dataclasses.asdict(r) for r in rows],
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, "bench_generate.json", record)
     return 0
 
 

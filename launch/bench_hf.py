@@ -16,9 +16,7 @@ gpt2 side runs with ``n_kv_heads = n_heads``. Prints a table and writes ``<out>/
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from megalm.cli import add_config_args, bad_input, bench_parser, write_report  # noqa: E402
 from megalm.config import Config, ConfigError, ModelConfig, load_config  # noqa: E402
 
 SIDES = ("megalm", "transformers")
@@ -185,39 +184,31 @@ def print_report(results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"))
+    p = bench_parser(__doc__)
+    add_config_args(p, default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"))
     p.add_argument("--family", choices=["llama", "gpt2", "both"], default="both")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary when model.vocab_size is 0")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N fwd+bwd passes per side")
     p.add_argument("--top", type=int, default=10, help="ops listed per profile")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         import transformers  # noqa: F401
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     except ImportError:
-        print("error: the benchmark needs transformers: pip install 'megalm[hf]'", file=sys.stderr)
-        return 2
+        return bad_input("the benchmark needs transformers: pip install 'megalm[hf]'")
     if args.steps < 1 or args.warmup < 0:
-        print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
+        return bad_input("--steps must be >= 1 and --warmup >= 0")
     families = ["llama", "gpt2"] if args.family == "both" else [args.family]
     results = [
         compare(family_config(cfg, f, args.vocab), cfg, args.steps, args.warmup, args.profile, args.top)
         for f in families
     ]
     print_report(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_hf.json"
-    path.write_text(json.dumps({"results": results}, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(args.out, "bench_hf.json", {"results": results})
     return 0
 
 

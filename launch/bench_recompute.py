@@ -13,8 +13,6 @@ time rises by about one extra forward (~+33%).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import bench_parser, write_report  # noqa: E402
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.model import GPT  # noqa: E402
 from megalm.perf.measure import saved_activation_bytes  # noqa: E402
@@ -41,14 +40,13 @@ def step(model: GPT, x: torch.Tensor, measure: bool) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--interval", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     cfg = ModelConfig(
         vocab_size=4096,
@@ -81,15 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in row.items():
         print(f"{k:<10} {v['saved_mb']:>9.1f} {v['step_s']:>10.3f}")
     print(f"full / none: memory x{mem_ratio:.3f}, time x{time_ratio:.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
     out = {
         "config": vars(args) | {"out": str(args.out)},
         "results": row,
         "memory_ratio": mem_ratio,
         "time_ratio": time_ratio,
     }
-    (args.out / "recompute.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out / 'recompute.json'}")
+    write_report(args.out, "recompute.json", out)
     return 0
 
 

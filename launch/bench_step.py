@@ -7,25 +7,22 @@ Prints a table and writes ``<out>/bench_step.json``. Goal: ratio <= 1.05.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import add_config_args, bad_input, bench_parser, write_report  # noqa: E402
 from megalm.config import ConfigError, load_config  # noqa: E402
 from megalm.data import DataError, load_manifest  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p = bench_parser(__doc__)
+    add_config_args(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per path")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
-    p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -33,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab = load_manifest(cfg.data.dir).vocab_size
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     from megalm.perf.step_compare import compare_step
 
     r = compare_step(cfg, args.steps, args.warmup)
@@ -50,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio megalm / bare = {r['ratio_megalm_over_bare']:.3f} (goal <= 1.05); "
         f"max loss relative difference {r['max_loss_rel_diff']:.1e}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_step.json").write_text(json.dumps(r, indent=2) + "\n")
-    print(f"wrote {args.out / 'bench_step.json'}")
+    write_report(args.out, "bench_step.json", r)
     return 0
 
 

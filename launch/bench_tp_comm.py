@@ -9,8 +9,6 @@ Korthikanti et al. 2022 (see ``megalm/perf/comm.py``). Writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import sys
@@ -22,6 +20,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import bench_parser, write_report  # noqa: E402
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.parallel import ParallelContext, ParallelDims  # noqa: E402
 from megalm.perf.comm import analytic_layer_bytes, measure_layer_bytes  # noqa: E402
@@ -55,12 +54,11 @@ def measure(tp: int, cfg: ModelConfig, batch: int) -> dict[bool, dict[str, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__doc__)
     p.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     cfg = ModelConfig(vocab_size=1024, n_layers=1, d_model=args.hidden, n_heads=8, seq_len=args.seq)
     rows = []
@@ -75,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"tp": tp, "sp": sp, "measured": m, "formula": f, "ratio": total_m / total_f})
             ratio = total_m / total_f
             print(f"{tp:>3} {'on' if sp else 'off':>3} {total_m:>12,} {total_f:>12,} {ratio:>6.3f}  {m}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tp_comm.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.out / 'tp_comm.json'}")
+    write_report(args.out, "tp_comm.json", rows)
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import bad_input  # noqa: E402
 from megalm.config import ConfigError, load_config  # noqa: E402
 from megalm.perf.flops import HW_FLOPS_FORMULA, MODEL_FLOPS_FORMULA  # noqa: E402
 from megalm.perf.sweep import SweepSettings, format_table, parse_sweep, run_sweep, write_outputs  # noqa: E402
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup < 2:
             raise ConfigError("--warmup must be >= 2 (memory is measured during warm-up)")
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     s = SweepSettings(config, args.out.resolve(), args.launcher, args.dp, args.nproc, args.steps,
                       args.warmup, args.timeout)  # fmt: skip
     print(f"sweep | {config} | {args.launcher} | steps {args.steps} timed after {args.warmup} warm-up\n"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from megalm.cli import add_config_args, bad_input, write_report  # noqa: E402
 from megalm.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from megalm.data import DataError, load_manifest  # noqa: E402
 from megalm.perf.flops import param_count  # noqa: E402
@@ -88,10 +88,9 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    add_config_args(ap, default=str(ROOT / "configs" / "tiny.yaml"))  # overrides: for both runs
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "compare-lstm")
     ap.add_argument("--steps", type=int, default=0, help="training steps of both (0: the config's)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value for both runs")
     args = ap.parse_args(argv)
     overrides = list(args.overrides) + ([f"training.max_steps={args.steps}"] if args.steps else [])
     cfg = load_config(args.config, overrides)
@@ -122,12 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
         }
     args.out.mkdir(parents=True, exist_ok=True)
     plot(curves, args.out / "compare.png")
-    (args.out / "compare.json").write_text(json.dumps(result, indent=1))
     print(f"\n{'model':24} {'params':>10} {'tokens':>11} {'held-out loss':>14} {'tokens/s':>9}")
     for name, r in result.items():
         loss, rate = r["final_val_loss"], r["tokens_per_s"]
         print(f"{name:24} {r['params']:>10,} {r['tokens']:>11,} {loss:>14.4f} {rate:>9,.0f}")
-    print(f"wrote {args.out / 'compare.png'} and compare.json")
+    print(f"wrote {args.out / 'compare.png'}")
+    write_report(args.out, "compare.json", result)
     return result
 
 
@@ -135,5 +134,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(bad_input(e))

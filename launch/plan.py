@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megalm.cli import bad_input  # noqa: E402
 from megalm.config import ConfigError, load_config  # noqa: E402
 from megalm.perf.devices import DEVICES  # noqa: E402
 from megalm.perf.flops import param_count  # noqa: E402
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.devices < 1:
             raise ConfigError("--devices must be >= 1")
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     import dataclasses
 
     if args.seq_len:

@@ -22,13 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from megalm.cli import add_config_args, bad_input  # noqa: E402
 from megalm.config import ConfigError, load_config  # noqa: E402
 from megalm.data import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Pretrain a megalm model.")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    add_config_args(p)
     p.add_argument(
         "--local_rank",
         "--local-rank",
@@ -36,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="set by the deepspeed launcher; LOCAL_RANK is used instead",
     )
-    p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1
     except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input(e)
     return 0
 
 

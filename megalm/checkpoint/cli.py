@@ -25,6 +25,7 @@ from typing import Any
 
 from megalm.checkpoint.manifest import COMPLETE, MANIFEST, CheckpointError, tag_bytes, verify_tag
 from megalm.checkpoint.writer import LATEST, publish, tag_for, write_rank_files
+from megalm.cli import bad_input
 
 
 def resolve_tag(path: str | Path) -> Path:
@@ -241,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             return export(args.checkpoint, args.out, args.format, args.tokenizer)
         return import_(args.hf, args.out)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input(e)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from megalm.cli import bad_input
 from megalm.config import ConfigError, load_config
 
 
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(write_composed(args.config, args.model, args.out))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e)
     return 0
 
 
