@@ -80,6 +80,23 @@ def device(request) -> str:
     return request.getfixturevalue("interpreter")
 
 
+@pytest.fixture
+def interpreted_launches(interpreter, monkeypatch) -> list[str]:
+    """The names of the Triton kernels the interpreter launches in this test, in launch order
+    (``_norm_fwd_kernel`` ...); clear the list to count from a later point."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: list[str] = []
+    original = InterpretedFunction.run
+
+    def spy(self, *args, **kwargs):
+        launched.append(self.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    return launched
+
+
 @pytest.fixture(scope="session")
 def kernel_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kernel_cache")

@@ -9,10 +9,10 @@ import dataclasses
 import importlib
 
 import pytest
-import torch
 
 from megalm.config import ModelConfig
 from megalm.model import GPT, Sampling, decoding, generate
+from tests.kernels.test_model_kernels import assert_close_losses, train_losses
 from tests.test_document_mask import packed_window, per_document_errors
 
 
@@ -44,21 +44,6 @@ def _spy(monkeypatch, name: str) -> list[tuple[str, bool, tuple]]:
     return taken
 
 
-def _train(cfg: ModelConfig, device: str, steps: int = 5) -> list[float]:
-    model = GPT(cfg, init_seed=0).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
-    x = x.to(device)
-    losses = []
-    for _ in range(steps):
-        loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.slow
 def test_unfused_attention_trains_five_steps_like_flash(device, monkeypatch):
     """Q K^T -> Triton scale-mask-softmax (forward and backward) -> P V trains the losses of
@@ -66,12 +51,10 @@ def test_unfused_attention_trains_five_steps_like_flash(device, monkeypatch):
     _only_attention_on_triton(monkeypatch)
     softmax = _spy(monkeypatch, "kernels.softmax")
     cfg = _config("llama", n_layers=2, seq_len=16)
-    flash = _train(cfg, device)
-    unfused = _train(dataclasses.replace(cfg, attention="unfused", kernels="triton"), device)
+    flash = train_losses(cfg, device)
+    unfused = train_losses(dataclasses.replace(cfg, attention="unfused", kernels="triton"), device)
     assert softmax and all(impl == "triton" and decision for impl, decision, _ in softmax)
-    worst = max(abs(a - b) / abs(b) for a, b in zip(unfused, flash, strict=True))
-    print(f"flash {flash}\nunfused {unfused}\nmax relative difference {worst:.2e}")
-    assert flash[-1] < flash[0] - 0.1 and worst <= 1e-4
+    assert_close_losses(unfused, flash)
 
 
 @pytest.mark.slow

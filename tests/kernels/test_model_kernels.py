@@ -14,9 +14,9 @@ from megalm.config import ModelConfig
 from megalm.model import GPT
 
 
-def _train(cfg: ModelConfig, device: str, steps: int = 5) -> list[float]:
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+def train_losses(cfg: ModelConfig, device: str, steps: int = 5) -> list[float]:
+    """The losses of ``steps`` AdamW steps on one fixed batch (2, seq_len + 1); same weights every call."""
+    model = GPT(cfg, init_seed=0).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1), generator=gen).to(device)
@@ -52,7 +52,8 @@ def _config(family: str) -> ModelConfig:
     )  # fmt: skip
 
 
-def _assert_close_losses(got: list[float], ref: list[float]) -> None:
+def assert_close_losses(got: list[float], ref: list[float]) -> None:
+    """``ref`` trains (its loss falls by 0.1) and ``got`` follows it within 1e-4 relative, step by step."""
     assert ref[-1] < ref[0] - 0.1  # it trains
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
     assert worst <= 1e-4, f"losses {got} vs {ref}: relative difference {worst:.1e}"
@@ -63,15 +64,15 @@ def test_five_steps_with_triton_kernels_match_torch(device, monkeypatch):
     """gpt2: attention (head dim 16), LayerNorm and cross entropy all take the Triton path."""
     taken = _spy_dispatch(monkeypatch)
     cfg = _config("gpt2")
-    ref = _train(cfg, device)
+    ref = train_losses(cfg, device)
     assert all(not decision for _, _, decision in taken)
-    got = _train(dataclasses.replace(cfg, kernels="triton"), device)
+    got = train_losses(dataclasses.replace(cfg, kernels="triton"), device)
     assert {op for op, impl, decision in taken if impl == "triton" and decision} == {
         "attention",
         "norms",
         "cross_entropy",
     }
-    _assert_close_losses(got, ref)
+    assert_close_losses(got, ref)
 
 
 @pytest.mark.slow
@@ -85,11 +86,11 @@ def test_auto_with_a_wrong_kernel_trains_on_the_pytorch_path_with_one_warning(
     monkeypatch.setattr(kernel_module("kernels.norms.kernel"), "_norm_fwd_kernel", broken._norm_fwd_kernel)
     taken = _spy_dispatch(monkeypatch)
     cfg = _config("llama")
-    ref = _train(cfg, device, steps=3)
+    ref = train_losses(cfg, device, steps=3)
     with caplog.at_level(logging.WARNING, logger="kernels.verify"):
-        got = _train(dataclasses.replace(cfg, kernels="auto"), device, steps=3)
+        got = train_losses(dataclasses.replace(cfg, kernels="auto"), device, steps=3)
     warnings = [r.getMessage() for r in caplog.records if r.name == "kernels.verify"]
     assert len(warnings) == 1 and "kernel norms failed its self-test" in warnings[0], warnings
     decided = {(op, decision) for op, impl, decision in taken if impl == "auto"}
     assert decided == {("attention", True), ("cross_entropy", True), ("norms", False)}
-    _assert_close_losses(got, ref)
+    assert_close_losses(got, ref)
