@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -12,13 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megalm.train.launchers import free_port
 from tests.conftest import scaled_timeout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
@@ -46,7 +40,7 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
     timeout = scaled_timeout(timeout)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
     ]

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import PYTHON, ROOT, VENV_BIN, subprocess_env
+from megalm.train.launchers import launch_command
+from tests.conftest import ROOT, subprocess_env
 from tests.golden import assert_matches_golden, golden_run_overrides, load_golden
 
 SCRIPT = str(ROOT / "launch" / "pretrain.py")
@@ -31,34 +31,15 @@ LAYOUTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cell_args(run_dir: Path, golden_data: Path, **layout: object) -> list[str]:
     """``--config tiny.yaml`` and the overrides of one cell: the golden llama run plus ``layout``."""
     return ["--config", CONFIG, *golden_run_overrides(run_dir, golden_data, **{**CELL, **layout})]
 
 
 def launcher_command(launcher: str, nproc: int) -> list[str]:
-    """The command that starts ``nproc`` ranks of ``launch/pretrain.py`` on this machine."""
-    port = str(free_port())
-    return {
-        "python": [PYTHON, SCRIPT],
-        "torchrun": [
-            str(VENV_BIN / "torchrun"),
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            port,
-            SCRIPT,
-        ],
-        "deepspeed": [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, SCRIPT],
-        "mpirun": [str(VENV_BIN / "mpiexec"), "-n", str(nproc), PYTHON, SCRIPT],
-        "srun": ["srun", "-n", str(nproc), "--cpus-per-task=1", "--kill-on-bad-exit=1", PYTHON, SCRIPT],
-    }[launcher]
+    """The command that starts ``nproc`` ranks of ``launch/pretrain.py`` on this machine (the
+    sweep's own :func:`megalm.train.launchers.launch_command`)."""
+    return launch_command(launcher, nproc, [SCRIPT])
 
 
 def run(

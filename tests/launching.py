@@ -1,22 +1,24 @@
-"""Launch ``launch/pretrain.py`` the way users do (python, deepspeed, torchrun, mpirun), on CPU."""
+"""Launch ``launch/pretrain.py`` the way users do (python, deepspeed, torchrun, mpirun), on CPU,
+and a real Slurm cluster on localhost for the srun/sbatch tests (:func:`local_slurm_cluster`)."""
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from megalm.train.launchers import free_port, launch_command
 from megalm.train.metrics import read_metrics
-from tests.conftest import PYTHON, ROOT, VENV_BIN, scaled_timeout, subprocess_env
+from tests.conftest import PYTHON, ROOT, scaled_timeout, subprocess_env
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SLURM_CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
 
 
 def cpu_env() -> dict[str, str]:
@@ -43,16 +45,7 @@ def run_script(
     name: str, args: list[str], launcher: str = "python", nproc: int = 1, cuda: bool = False
 ) -> subprocess.CompletedProcess:
     """Run ``launch/<name>`` with ``args`` under ``launcher`` (as :func:`run_pretrain`)."""
-    port = str(free_port())
-    script = [str(ROOT / "launch" / name), *args]
-    if launcher == "python":
-        cmd = [PYTHON, *script]
-    elif launcher == "deepspeed":
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, *script]
-    elif launcher == "mpirun":
-        cmd = [str(VENV_BIN / "mpiexec"), "-n", str(nproc), PYTHON, *script]
-    else:
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, *script]
+    cmd = launch_command(launcher, nproc, [str(ROOT / "launch" / name), *args])
     env = subprocess_env() if cuda else cpu_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=scaled_timeout(600))
     assert proc.returncode == 0 or launcher == "python", proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -105,3 +98,61 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str
             text, _ = p.communicate()
         out.append((p.returncode, text, time.monotonic() - t0))
     return out
+
+
+def _free_ports(n: int) -> int:
+    """A port p with p + 1 ... p + n - 1 free too (slurmd daemon i listens on p + i - 1)."""
+    while True:
+        port = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(1, n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + i))
+                return port
+            except OSError:
+                continue
+
+
+@contextlib.contextmanager
+def local_slurm_cluster(
+    state: Path, nodes: int, job_env: dict[str, str], why: str = ""
+) -> Iterator[dict[str, str]]:
+    """A real Slurm cluster of ``nodes`` slurmd daemons on localhost, state under ``state``.
+
+    ``launch/slurm/local_cluster.sh`` starts it (installing slurm-wlm and munge where
+    missing) on free ports, with job ids far from another local cluster's (job ids derive
+    MASTER_PORT); it is stopped at exit. Skips with the script's reason where it cannot
+    run (exit 3); ``why`` is added to the skip and failure messages. Yields ``job_env``
+    plus what jobs need: SLURM_CONF, the venv's python and the checkout.
+    """
+    note = f" ({why})" if why else ""
+    ports = {
+        "SLURMCTLD_PORT": str(free_port()),
+        "SLURMD_PORT": str(_free_ports(nodes)),
+        "SLURM_FIRST_JOB_ID": str(random.randrange(100_000, 900_000)),
+    }
+    limit = scaled_timeout(900)
+    try:
+        proc = subprocess.run(
+            ["bash", str(SLURM_CLUSTER), "start", str(state), str(nodes)],
+            capture_output=True,
+            text=True,
+            timeout=limit,
+            env=subprocess_env() | ports,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"launch/slurm/local_cluster.sh start took more than {limit:.0f}s{note}")
+    if proc.returncode == 3:
+        pytest.skip(f"no local Slurm cluster: {proc.stderr.strip()}{note}")
+    assert proc.returncode == 0, f"local Slurm cluster did not start{note}:\n{proc.stdout}\n{proc.stderr}"
+    try:
+        yield job_env | {
+            "SLURM_CONF": str(state / "slurm.conf"),
+            "MEGALM_PYTHON": PYTHON,
+            "MEGALM_DIR": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+        }
+    finally:
+        subprocess.run(
+            ["bash", str(SLURM_CLUSTER), "stop", str(state)], capture_output=True, timeout=scaled_timeout(120)
+        )

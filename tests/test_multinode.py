@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from megalm.train.dist import LaunchError, expand_hostlist, first_host, reachable_address
+from megalm.train.launchers import free_port
 from tests.conftest import ROOT, VENV_BIN, subprocess_env
 from tests.launch_cells import (
     LAYOUTS,
@@ -20,7 +21,6 @@ from tests.launch_cells import (
     assert_cell_matches_golden,
     cell_args,
     dist_lines,
-    free_port,
     run,
 )
 

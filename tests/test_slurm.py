@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,11 @@ import pytest
 from megalm.train.checkpoint import find_latest
 from tests.conftest import PYTHON, ROOT, scaled_timeout
 from tests.golden import assert_matches_golden, golden_run_overrides
-from tests.launching import cpu_env
+from tests.launching import cpu_env, local_slurm_cluster
 from tests.test_launch_discovery import DISCOVER, read_rank_records
 from tests.test_preempt import EXIT_PREEMPTED, last_step
 
 pytestmark = pytest.mark.slow
-SCRIPT = ROOT / "launch" / "slurm" / "local_cluster.sh"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 # The script asks for 2 nodes x 8 GPUs x 12 CPUs; the local node has neither.
 LOCAL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
@@ -38,30 +38,10 @@ CHANGES_THE_MACHINE = (
 
 
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory) -> dict[str, str]:
-    state = tmp_path_factory.mktemp("slurm")
-    limit = scaled_timeout(900)
-    try:
-        proc = subprocess.run(
-            ["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=limit
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(
-            f"launch/slurm/local_cluster.sh start took more than {limit:.0f}s ({CHANGES_THE_MACHINE})"
-        )
-    if proc.returncode == 3:
-        pytest.skip(f"no local Slurm cluster: {proc.stderr.strip()} ({CHANGES_THE_MACHINE})")
-    assert proc.returncode == 0, (
-        f"local Slurm cluster did not start ({CHANGES_THE_MACHINE}):\n{proc.stdout}\n{proc.stderr}"
-    )
-    env = cpu_env() | {
-        "SLURM_CONF": str(state / "slurm.conf"),
-        "MEGALM_PYTHON": PYTHON,
-        "MEGALM_DIR": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
-    yield env
-    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=scaled_timeout(60))
+def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Environment of a started one-node cluster (jobs on CPU)."""
+    with local_slurm_cluster(tmp_path_factory.mktemp("slurm"), 1, cpu_env(), CHANGES_THE_MACHINE) as env:
+        yield env
 
 
 def slurm(env: dict[str, str], *args: str, timeout: float = 60) -> str:

@@ -12,10 +12,8 @@ skip with the script's reason.
 from __future__ import annotations
 
 import json
-import random
-import socket
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,62 +26,23 @@ from tests.launch_cells import (
     assert_one_error_line,
     cell_args,
     dist_lines,
-    free_port,
     run,
 )
+from tests.launching import local_slurm_cluster
 from tests.test_multinode import HOSTLISTS
 
 pytestmark = pytest.mark.slow
-CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
 SBATCH = ROOT / "launch" / "slurm"
 NODES = "megalm-n[1-2]"
 # The scripts ask for 8 GPUs and 12 CPUs per node; each local node has 2 CPUs and no GPU.
 LOCAL = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 
 
-def _two_free_ports() -> int:
-    """A port p with p + 1 also free (the two slurmd daemons listen on p and p + 1)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-
-
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory) -> dict[str, str]:
+def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment of a started two-node cluster (SLURM_CONF and the venv's python)."""
-    state = tmp_path_factory.mktemp("slurm2")
-    ports = {
-        "SLURMCTLD_PORT": str(free_port()),
-        "SLURMD_PORT": str(_two_free_ports()),
-        # Job ids derive MASTER_PORT: start far from another local cluster's ids.
-        "SLURM_FIRST_JOB_ID": str(random.randrange(100_000, 900_000)),
-    }
-    try:
-        proc = subprocess.run(
-            ["bash", str(CLUSTER), "start", str(state), "2"],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=subprocess_env() | ports,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("launch/slurm/local_cluster.sh start took more than 15 minutes")
-    if proc.returncode == 3:
-        pytest.skip(f"no local Slurm cluster: {proc.stderr.strip()}")
-    assert proc.returncode == 0, f"local Slurm cluster did not start:\n{proc.stdout}\n{proc.stderr}"
-    env = subprocess_env() | {
-        "SLURM_CONF": str(state / "slurm.conf"),
-        "MEGALM_PYTHON": PYTHON,
-        "MEGALM_DIR": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
-    yield env
-    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=120)
+    with local_slurm_cluster(tmp_path_factory.mktemp("slurm2"), 2, subprocess_env()) as env:
+        yield env
 
 
 def srun(nodes: int, ntasks: int) -> list[str]:

@@ -46,6 +46,7 @@ import torch.distributed as torch_dist
 
 from megalm.config import Config, ConfigError
 from megalm.train.ds_ops import release_shm_names
+from megalm.train.launchers import free_port
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -98,12 +99,6 @@ class DistInfo:
     device: torch.device
     backend: str
     launcher: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -258,7 +253,7 @@ def _from_env_vars(env: Mapping[str, str], launcher: str) -> RankEnv:
         local,
         local_world,
         env.get("MASTER_ADDR", "127.0.0.1"),
-        int(env.get("MASTER_PORT", 0)) or _free_port(),
+        int(env.get("MASTER_PORT", 0)) or free_port(),
         f"{launcher}: WORLD_SIZE={world}",
     )
 
@@ -305,7 +300,7 @@ def _from_mpi(env: Mapping[str, str]) -> RankEnv:
     master = None
     if rank == 0:
         addr = env.get("MASTER_ADDR") or (socket.gethostname() if world > 1 else "127.0.0.1")
-        master = (addr, int(env.get("MASTER_PORT", 0)) or _free_port())
+        master = (addr, int(env.get("MASTER_PORT", 0)) or free_port())
     addr, port = comm.bcast(master, root=0)
     size_vars = " ".join(
         f"{k}={env[k]}"
@@ -340,7 +335,7 @@ def discover_ranks(env: Mapping[str, str] = os.environ) -> RankEnv:
             0,
             1,
             "127.0.0.1",
-            _free_port(),
+            free_port(),
             "python: no launcher variables (RANK/WORLD_SIZE, SLURM_PROCID in an srun step, "
             "OMPI_COMM_WORLD_RANK/PMI_RANK) are set, so this is a world of one",
         )
