@@ -11,14 +11,8 @@ measured bytes next to :func:`megalm.perf.cp.ring_bytes_per_layer` (formula in
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,34 +20,17 @@ from megalm.cli import bench_parser, write_report  # noqa: E402
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.parallel import ParallelContext, ParallelDims  # noqa: E402
 from megalm.perf.cp import measure_ring_bytes_per_layer, ring_bytes_per_layer  # noqa: E402
+from megalm.train.launchers import run_local_ranks  # noqa: E402
 
 
-def _worker(rank: int, world: int, tp: int, port: int, cfg: ModelConfig, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_bytes(rank: int, world: int, tp: int, cfg: ModelConfig, args) -> dict[str, int]:
     ctx = ParallelContext(ParallelDims.from_world(world, tp=tp, cp=world // tp))
-    out = measure_ring_bytes_per_layer(cfg, args.batch, ctx.cp_group, ctx.tp_group, tp > 1, args.recompute)
-    queue.put((rank, out))
-    dist.barrier()
-    dist.destroy_process_group()
+    return measure_ring_bytes_per_layer(cfg, args.batch, ctx.cp_group, ctx.tp_group, tp > 1, args.recompute)
 
 
 def measure(tp: int, cp: int, cfg: ModelConfig, args) -> list[dict[str, int]]:
     """Every rank's counted bytes per layer (they must all be equal: the ring is balanced)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    world = tp * cp
-    procs = [ctx.Process(target=_worker, args=(r, world, tp, port, cfg, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join()
-    return [results[r] for r in range(world)]
+    return run_local_ranks(tp * cp, _rank_bytes, tp, cfg, args, timeout=900, start_method="spawn")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,14 +9,8 @@ Korthikanti et al. 2022 (see ``megalm/perf/comm.py``). Writes JSON.
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,33 +18,17 @@ from megalm.cli import bench_parser, write_report  # noqa: E402
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.parallel import ParallelContext, ParallelDims  # noqa: E402
 from megalm.perf.comm import analytic_layer_bytes, measure_layer_bytes  # noqa: E402
+from megalm.train.launchers import run_local_ranks  # noqa: E402
 
 
-def _worker(rank: int, tp: int, port: int, cfg: ModelConfig, batch: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
+def _rank_bytes(rank: int, tp: int, cfg: ModelConfig, batch: int) -> dict[bool, dict[str, int]]:
     ctx = ParallelContext(ParallelDims.from_world(tp, tp=tp))
-    out = {sp: measure_layer_bytes(cfg, ctx.tp_group, sp, batch) for sp in (False, True)}
-    if rank == 0:
-        queue.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {sp: measure_layer_bytes(cfg, ctx.tp_group, sp, batch) for sp in (False, True)}
 
 
 def measure(tp: int, cfg: ModelConfig, batch: int) -> dict[bool, dict[str, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, tp, port, cfg, batch, queue)) for r in range(tp)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join()
-    return result
+    """Rank 0's counted bytes per layer, without and with sequence parallelism."""
+    return run_local_ranks(tp, _rank_bytes, cfg, batch, timeout=600, start_method="spawn")[0]
 
 
 def main(argv: list[str] | None = None) -> int:

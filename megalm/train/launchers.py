@@ -14,14 +14,23 @@ srun       ``srun --ntasks N --cpus-per-task=1 --kill-on-bad-exit=1 python PROGR
 ========== ============================================================================
 
 ``PROGRAM`` is a script and its arguments, or ``-m module`` and its arguments.
+
+:func:`run_local_ranks` starts N ranks of a *function* instead: CPU processes joined by a
+gloo group on this machine (the tests' ``run_distributed``, the communication benchmarks).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import shutil
 import socket
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
+from typing import Any
 
 LAUNCHERS = ("python", "torchrun", "deepspeed", "mpirun", "srun")
 
@@ -60,3 +69,71 @@ def launch_command(launcher: str, nproc: int, program: list[str], port: int | No
     if launcher == "srun":
         return ["srun", "--ntasks", str(nproc), "--cpus-per-task=1", "--kill-on-bad-exit=1", py, *program]
     raise ValueError(f"unknown launcher '{launcher}'; use one of {', '.join(LAUNCHERS)}")
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure to the parent, with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local_ranks(
+    world_size: int, fn: Callable, *args: Any, timeout: float = 300.0, start_method: str = "fork"
+) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` CPU processes in one gloo group.
+
+    Each process runs one torch thread and the default process group (gloo, a free
+    local port); ``fn`` builds its own subgroups. ``fn`` must be a module-level function
+    (and, with ``start_method="spawn"``, it and ``args`` picklable).
+
+    Args:
+        timeout: seconds to wait for each rank's answer.
+
+    Returns:
+        ``fn``'s return values by rank.
+
+    Raises:
+        RuntimeError: a rank failed (its traceback is the message), or did not answer in time.
+    """
+    ctx = mp.get_context(start_method)
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            try:
+                rank, status, payload = queue.get(timeout=timeout)
+            except Empty:  # a rank hung, or died without a word
+                errors.append(f"{world_size - len(results)} rank(s) did not answer within {timeout:.0f}s")
+                break
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
