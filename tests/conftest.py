@@ -27,18 +27,15 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def subprocess_env() -> dict[str, str]:
-    """Environment for launching ``launch/*.py`` and ``deepspeed``/``torchrun`` in tests."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(ROOT)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # DeepSpeed JIT-builds its CPU shared-memory comm op; a cache per venv is built once,
-    # while a cache shared with other venvs (other flags) is rebuilt at every start.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
+    """Environment for launching ``launch/*.py`` and ``deepspeed``/``torchrun`` in tests: the
+    sweep's own (:func:`megalm.train.launchers.job_env`: this checkout first on PYTHONPATH, the
+    venv's bin on PATH, one OpenMP thread, a torch-extensions cache per venv, no rank variables)."""
+    from megalm.train.launchers import job_env  # imports megalm.train: only when a test launches
+
+    env = job_env(ROOT)
     # Launched runs take their real kernel path: compiled Triton on CUDA, never an
     # interpreter a kernel test scoped to itself (tests/kernels/conftest.py).
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
-        env.pop(key, None)
+    env.pop("TRITON_INTERPRET", None)
     return env
 
 

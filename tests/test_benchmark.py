@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from megalm.perf.flops import param_count
 from megalm.perf.memory import Recipe, activation_bytes, engine_fp32_state_bytes
 from megalm.perf.sweep import SweepSettings, format_table, launch_command, parse_sweep, write_outputs
 from megalm.train.engine import zero_bucket_elements
+from megalm.train.launchers import RANK_VARS, job_env
 from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
 
 
@@ -47,6 +50,22 @@ def test_launch_commands(tmp_path):
     s.launcher = "python"
     with pytest.raises(ConfigError, match="needs 2"):
         launch_command(s, [], 2, tmp_path)
+
+
+def test_job_env_runs_this_checkout_and_hands_on_no_rank(monkeypatch, tmp_path):
+    """A sweep started under torchrun (rank variables set, another checkout on PYTHONPATH)
+    starts its jobs on this checkout's code, as fresh worlds, one OpenMP thread each."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key, value in zip(RANK_VARS, ("1", "2", "1", "2", "10.0.0.1", "29500"), strict=True):
+        monkeypatch.setenv(key, value)
+    env = job_env(ROOT)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(tmp_path)]
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert not set(RANK_VARS) & env.keys()
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert job_env(ROOT)["OMP_NUM_THREADS"] == "4"  # the user's choice stands
 
 
 def test_outputs_include_failed_rows(tmp_path):

@@ -14,15 +14,14 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megalm.config import ConfigError
+from megalm.train.launchers import job_env
 from megalm.train.launchers import launch_command as launch_command_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,18 +105,6 @@ def launch_command(s: SweepSettings, overrides: list[str], nproc: int, out: Path
         raise ConfigError(str(e)) from None
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # DeepSpeed JIT-builds its CPU shared-memory comm op in every process; a cache shared by
-    # several virtual environments rebuilds it each time (~1 min). One cache per environment.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)  # a sweep started under torchrun must not hand its own rank to the jobs
-    return env
-
-
 def _tail_error(text: str) -> str:
     """The last ``error:``/exception line of a failed job's output."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -147,7 +134,9 @@ def run_one(s: SweepSettings, index: int, sweep: dict[str, str], fixed: list[str
     (out / "result.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=s.timeout_s)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, env=job_env(ROOT), timeout=s.timeout_s
+        )
     except subprocess.TimeoutExpired:
         return {**row, "status": "timeout", "error": f"no result after {s.timeout_s:.0f}s"}
     (out / "log.txt").write_text(proc.stdout + proc.stderr)

@@ -15,8 +15,9 @@ srun       ``srun --ntasks N --cpus-per-task=1 --kill-on-bad-exit=1 python PROGR
 
 ``PROGRAM`` is a script and its arguments, or ``-m module`` and its arguments.
 
-:func:`run_local_ranks` starts N ranks of a *function* instead: CPU processes joined by a
-gloo group on this machine (the tests' ``run_distributed``, the communication benchmarks).
+:func:`job_env` is the environment such a command runs with. :func:`run_local_ranks`
+starts N ranks of a *function* instead: CPU processes joined by a gloo group on this
+machine (the tests' ``run_distributed``, the communication benchmarks).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from queue import Empty
 from typing import Any
 
 LAUNCHERS = ("python", "torchrun", "deepspeed", "mpirun", "srun")
+# Set by a launcher for its own ranks; a job started from one of them must not inherit them.
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -45,6 +48,25 @@ def free_port() -> int:
 def _tool(name: str) -> str:
     """``name`` from this interpreter's environment (the venv's bin), else from PATH."""
     return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+def job_env(checkout: Path) -> dict[str, str]:
+    """This process's environment for a megalm job it starts (a sweep configuration, a test run).
+
+    ``checkout`` first on ``PYTHONPATH`` (its code is what runs) and this interpreter's
+    ``bin`` first on ``PATH`` (its launchers); one OpenMP thread unless set; DeepSpeed's
+    JIT-built CPU comm op cached per environment (``<sys.prefix>/torch_extensions``: a cache
+    shared by several environments is rebuilt at every start, ~1 min) unless set; and
+    none of :data:`RANK_VARS` (a sweep started under torchrun must not hand its rank on).
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    for key in RANK_VARS:
+        env.pop(key, None)
+    return env
 
 
 def launch_command(launcher: str, nproc: int, program: list[str], port: int | None = None) -> list[str]:
