@@ -16,6 +16,7 @@ used (no token has their id, and the loss masks their logits).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,11 +59,9 @@ def pieces_bytes(pieces: dict[str, Piece]) -> bytes:
     )
 
 
-def _volume(box: Box) -> int:
-    n = 1
-    for lo, hi in box:
-        n *= hi - lo
-    return n
+def volume(box: Box) -> int:
+    """Elements in ``box`` (the product of its extents)."""
+    return math.prod(hi - lo for lo, hi in box)
 
 
 def _intersect(a: Box, b: Box) -> Box | None:
@@ -107,12 +106,12 @@ class TensorIndex:
             common = _intersect(piece, box)
             if common is None:
                 continue
-            covered += _volume(common)
+            covered += volume(common)
             src = tuple(slice(lo - p0, hi - p0) for (lo, hi), (p0, _) in zip(common, piece, strict=True))
             dst = tuple(slice(lo - w0, hi - w0) for (lo, hi), (w0, _) in zip(common, box, strict=True))
             out[dst] = self._open[path].get_slice(key)[src].float()
         inside = _intersect(box, full_box(self.shapes[key]))
-        if covered != (0 if inside is None else _volume(inside)):
+        if covered != (0 if inside is None else volume(inside)):
             raise CheckpointError(f"tensor '{key}' is incomplete in the checkpoint (a piece is missing)")
         return out
 

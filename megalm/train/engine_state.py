@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megalm.checkpoint.tensors import MOMENTS, Box
+from megalm.checkpoint.tensors import MOMENTS, Box, volume
 from megalm.model.gpt import Head
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megalm.parallel.mappings import tp_rank, tp_size
@@ -117,18 +117,11 @@ def assign_writers(params: list[LocalParam], dp: int) -> list[int]:
     """Data-parallel rank that writes each saved parameter: largest first to the least loaded
     rank, so every rank writes about ``1/dp`` of the bytes (-1: not saved by this cell)."""
     load, owner = [0] * dp, [-1] * len(params)
-    sizes = [_volume(lp.box) for lp in params]
+    sizes = [volume(lp.box) for lp in params]
     for i in sorted((i for i, lp in enumerate(params) if lp.saves), key=lambda i: -sizes[i]):
         r = min(range(dp), key=lambda k: load[k])
         owner[i], load[r] = r, load[r] + sizes[i]
     return owner
-
-
-def _volume(box: Box) -> int:
-    n = 1
-    for lo, hi in box:
-        n *= hi - lo
-    return n
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:

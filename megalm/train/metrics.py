@@ -7,12 +7,13 @@ What goes into a record is decided by :mod:`megalm.train.progress`; MFU comes fr
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megalm.checkpoint.manifest import atomic_write_text
 
 
 def memory_gb(device: torch.device) -> float:
@@ -50,9 +51,7 @@ class MetricsLog:
                 flush=True,
             )
         keep = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(keep))
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
