@@ -17,7 +17,7 @@ gpt2 side runs with ``n_kv_heads = n_heads``. Prints a table and writes ``<out>/
 from __future__ import annotations
 
 import dataclasses
-import statistics
+import functools
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from megalm.cli import add_config_args, bad_input, bench_parser, write_report  # noqa: E402
 from megalm.config import Config, ConfigError, ModelConfig, load_config  # noqa: E402
+from megalm.perf.measure import alternate, max_rel_diff, synchronize, throughput  # noqa: E402
 
 SIDES = ("megalm", "transformers")
 
@@ -58,20 +59,15 @@ def loss_fn(side: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor)
     return model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _step(side: str, model, opt, batch, device) -> tuple[float, float]:
-    """One fwd + bwd + AdamW step; returns (loss, seconds)."""
-    x, y = batch
+def _step(side: str, model, opt, batches, device, i: int) -> tuple[float, float]:
+    """Step ``i``: one fwd + bwd + AdamW step on batch ``i`` (cycling); returns (loss, seconds)."""
+    x, y = batches[i % len(batches)]
     t0 = time.perf_counter()
     loss = loss_fn(side, model, x, y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    _sync(device)
+    synchronize(device)
     return loss.item(), time.perf_counter() - t0
 
 
@@ -113,16 +109,11 @@ def compare(m: ModelConfig, cfg: Config, steps: int, warmup: int, profile_passes
     gen = torch.Generator().manual_seed(cfg.data.seed)
     windows = [torch.randint(0, m.vocab_size, (B, m.seq_len + 1), generator=gen) for _ in range(4)]
     batches = [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
-    losses: dict[str, list[float]] = {s: [] for s in SIDES}
-    times: dict[str, list[float]] = {s: [] for s in SIDES}
-    for i in range(warmup + steps):
-        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
-            loss, seconds = _step(side, models[side], opts[side], batches[i % len(batches)], device)
-            losses[side].append(loss)
-            if i >= warmup:
-                times[side].append(seconds)
-    med = {s: statistics.median(times[s]) for s in SIDES}
+    losses, times = alternate(
+        {s: functools.partial(_step, s, models[s], opts[s], batches, device) for s in SIDES}, steps, warmup
+    )
     tokens = B * m.seq_len
+    speed = throughput(times, tokens, model_flops_per_token(m))
     out = {
         "family": m.family,
         "model": {
@@ -135,13 +126,10 @@ def compare(m: ModelConfig, cfg: Config, steps: int, warmup: int, profile_passes
         "kernels": m.kernels,
         "steps_timed": steps,
         "profile_passes": profile_passes,
-        "median_step_s": med,
-        "tokens_per_s": {s: tokens / med[s] for s in SIDES},
-        "tflops": {s: tokens * model_flops_per_token(m) / med[s] / 1e12 for s in SIDES},
-        "speed_ratio_megalm_over_transformers": med["transformers"] / med["megalm"],
-        "max_loss_rel_diff": max(
-            abs(a - b) / abs(b) for a, b in zip(losses["megalm"], losses["transformers"], strict=True)
-        ),
+        **speed,
+        "speed_ratio_megalm_over_transformers": speed["median_step_s"]["transformers"]
+        / speed["median_step_s"]["megalm"],
+        "max_loss_rel_diff": max_rel_diff(losses["megalm"], losses["transformers"]),
         "losses": losses,
         "step_times_s": times,
     }

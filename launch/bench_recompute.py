@@ -13,6 +13,7 @@ time rises by about one extra forward (~+33%).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -25,13 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megalm.cli import bench_parser, write_report  # noqa: E402
 from megalm.config import ModelConfig  # noqa: E402
 from megalm.model import GPT  # noqa: E402
-from megalm.perf.measure import saved_activation_bytes  # noqa: E402
+from megalm.perf.measure import alternate, saved_activation_bytes  # noqa: E402
 
 
-def step(model: GPT, x: torch.Tensor, measure: bool) -> tuple[int, float]:
-    """(bytes saved for backward if ``measure`` else 0, seconds for forward + backward)."""
+def step(model: GPT, x: torch.Tensor, interval: int, i: int) -> tuple[int, float]:
+    """Round ``i`` with full recompute every ``interval`` blocks (0: none): (the bytes saved for
+    backward, counted in round 0 only, else 0; seconds for forward + backward)."""
+    model.set_recompute(interval)
     t0 = time.perf_counter()
-    with saved_activation_bytes(model, enabled=measure) as saved:
+    with saved_activation_bytes(model, enabled=i == 0) as saved:
         loss = model(x[:, :-1], x[:, 1:])
     loss.backward()
     seconds = time.perf_counter() - t0
@@ -58,17 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = GPT(cfg).train()
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-    saved: dict[str, int] = {}
-    seconds: dict[str, list[float]] = {"none": [], "full": []}
-    for i in range(args.steps + 1):  # the first round measures memory and is not timed
-        for name in ("none", "full") if i % 2 == 0 else ("full", "none"):
-            model.set_recompute(args.interval if name == "full" else 0)
-            nbytes, s = step(model, x, measure=i == 0)
-            if i == 0:
-                saved[name] = nbytes
-            else:
-                seconds[name].append(s)
-    row = {k: {"saved_mb": saved[k] / 2**20, "step_s": statistics.median(seconds[k])} for k in seconds}
+    intervals = {"none": 0, "full": args.interval}
+    saved, seconds = alternate(  # the first round measures memory and is not timed
+        {k: functools.partial(step, model, x, n) for k, n in intervals.items()},
+        timed=args.steps,
+        warmup=1,
+    )
+    row = {k: {"saved_mb": saved[k][0] / 2**20, "step_s": statistics.median(seconds[k])} for k in intervals}
     mem_ratio = row["full"]["saved_mb"] / row["none"]["saved_mb"]
     time_ratio = row["full"]["step_s"] / row["none"]["step_s"]
     print(

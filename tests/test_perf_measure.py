@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from megalm.perf.measure import CommTimer, StepTimer, saved_activation_bytes
+from megalm.perf.measure import (
+    CommTimer,
+    StepTimer,
+    alternate,
+    max_rel_diff,
+    saved_activation_bytes,
+    throughput,
+)
 
 
 class _SavesWeight(torch.autograd.Function):
@@ -92,3 +99,24 @@ def test_step_timer_measures_requested_steps_and_times_only_timed_ones():
     assert set(means) == {"forward_s", "backward_s", "optimizer_s", "comm_s", "step_s"}
     assert means["comm_s"] == 0.0  # no collective ran
     assert sum(means[f"{p}_s"] for p in StepTimer.PHASES) <= means["step_s"]
+
+
+def test_alternate_runs_sides_abba_and_times_only_after_the_warmup():
+    order: list[tuple[str, int]] = []
+
+    def side(name: str, seconds: float):
+        def run(i: int) -> tuple[str, float]:
+            order.append((name, i))
+            return f"{name}{i}", seconds + i
+
+        return run
+
+    values, seconds = alternate({"a": side("a", 10.0), "b": side("b", 20.0)}, timed=3, warmup=1)
+    assert order == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
+    assert values == {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1", "b2", "b3"]}
+    assert seconds == {"a": [11.0, 12.0, 13.0], "b": [21.0, 22.0, 23.0]}  # round 0 untimed
+    speed = throughput(seconds, tokens=1200, flops_per_token=1e9)
+    assert speed["median_step_s"] == {"a": 12.0, "b": 22.0}
+    assert speed["tokens_per_s"] == {"a": 100.0, "b": 1200 / 22.0}
+    assert speed["tflops"]["a"] == pytest.approx(100.0 * 1e9 / 1e12)
+    assert max_rel_diff([1.0, 2.2, 2.9], [1.0, 2.0, 3.0]) == pytest.approx(0.1)

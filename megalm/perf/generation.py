@@ -3,13 +3,14 @@
 For each model the same prompts are continued by ``new_tokens`` greedy tokens with the
 cache (prefill once, then one token per row per step through the unfused one-row
 attention) and without it (the whole sequence every step, the reference), alternating
-the two ``repeats`` times; the table reports the median tokens/s of each and their
-ratio, and checks both produced the same tokens.
+the two ``repeats`` times (ABBA, :func:`megalm.perf.measure.alternate`); the table reports
+the median tokens/s of each and their ratio, and checks both produced the same tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.model import Sampling, build_model, decoding, generate
+from megalm.perf.measure import alternate
 
 
 @dataclass
@@ -42,16 +44,14 @@ def measure(
     model = build_model(cfg, init_seed=0)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_tokens), generator=gen).tolist()
-    times: dict[bool, list[float]] = {True: [], False: []}
-    outputs: dict[bool, list[list[int]]] = {}
+
+    def run(use_cache: bool, i: int) -> tuple[list[list[int]], float]:
+        start = time.perf_counter()
+        out = generate(model, prompts, new_tokens, cfg.seq_len, Sampling(0), use_cache=use_cache)
+        return out, time.perf_counter() - start
+
     with decoding(model):
-        for _ in range(repeats):
-            for use_cache in (True, False):
-                start = time.perf_counter()
-                outputs[use_cache] = generate(
-                    model, prompts, new_tokens, cfg.seq_len, Sampling(0), use_cache=use_cache
-                )
-                times[use_cache].append(time.perf_counter() - start)
+        outputs, times = alternate({c: functools.partial(run, c) for c in (True, False)}, repeats)
     rate = {k: batch * new_tokens / statistics.median(v) for k, v in times.items()}
     return GenerationSpeed(
         cfg.family,
@@ -62,7 +62,7 @@ def measure(
         rate[True],
         rate[False],
         rate[True] / rate[False],
-        outputs[True] == outputs[False],
+        outputs[True] == outputs[False],  # every round's tokens
     )
 
 

@@ -16,16 +16,22 @@
   NCCL only the launch is timed unless the caller synchronizes.
 - Step time in phases: :class:`StepTimer` is the timing hook the trainer's own step
   (``Strategy.train_step(micro_batches, timer)``) reports its phases to.
+- Side by side: :func:`alternate` runs two (or more) variants in one process, ABBA, so a
+  ratio of their medians (:func:`throughput`) compares them under the same machine noise;
+  ``launch/bench_hf.py``, ``launch/bench_recompute.py``, :mod:`megalm.perf.step_compare`
+  and :mod:`megalm.perf.generation` all do.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -164,6 +170,45 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def alternate(
+    sides: dict[Hashable, Callable[[int], tuple[Any, float]]], timed: int, warmup: int = 0
+) -> tuple[dict[Hashable, list[Any]], dict[Hashable, list[float]]]:
+    """Run every side ``warmup + timed`` rounds in one process, alternating A B, B A, ... (ABBA).
+
+    Each side meets the same drift (clock, caches, other load) in turn, so the ratio of
+    their medians is fair. ``sides[key](i)`` runs round ``i`` and returns (a value, e.g. its
+    loss or output, and its seconds).
+
+    Returns:
+        (every round's value, the timed rounds' seconds), each keyed like ``sides``.
+    """
+    keys = list(sides)
+    values: dict[Hashable, list[Any]] = {k: [] for k in keys}
+    seconds: dict[Hashable, list[float]] = {k: [] for k in keys}
+    for i in range(warmup + timed):
+        for k in keys if i % 2 == 0 else keys[::-1]:
+            value, s = sides[k](i)
+            values[k].append(value)
+            if i >= warmup:
+                seconds[k].append(s)
+    return values, seconds
+
+
+def throughput(seconds: dict[Hashable, list[float]], tokens: int, flops_per_token: float) -> dict[str, dict]:
+    """Per side: ``median_step_s``, ``tokens_per_s`` and model ``tflops`` of steps of ``tokens`` tokens."""
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {
+        "median_step_s": med,
+        "tokens_per_s": {k: tokens / s for k, s in med.items()},
+        "tflops": {k: tokens * flops_per_token / s / 1e12 for k, s in med.items()},
+    }
+
+
+def max_rel_diff(values: list[float], reference: list[float]) -> float:
+    """``max |v_i - r_i| / |r_i|`` over paired values (same length)."""
+    return max(abs(v - r) / abs(r) for v, r in zip(values, reference, strict=True))
 
 
 class StepTimer:

@@ -11,7 +11,6 @@ same work.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from megalm.config import Config
 from megalm.model import GPT
 from megalm.parallel import ParallelContext, ParallelDims
 from megalm.perf.flops import model_flops_per_token
+from megalm.perf.measure import alternate, max_rel_diff, throughput
 from megalm.train.dist import init_distributed
 from megalm.train.engine import gradient_accumulation
 from megalm.train.optim import make_optimizer, make_scheduler
@@ -71,20 +71,18 @@ def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any
     bare_opt = make_optimizer(bare, cfg.optim, device)
     bare_sched = make_scheduler(bare_opt, cfg.optim, t.max_steps)
     batches = _random_batches(cfg)
-    runs = {
-        "megalm": lambda: megalm.train_step(batches).loss,
-        "bare": lambda: bare_step(bare, bare_opt, bare_sched, batches, device, cfg.optim.grad_clip),
-    }
-    times: dict[str, list[float]] = {"megalm": [], "bare": []}
-    losses: dict[str, list[float]] = {"megalm": [], "bare": []}
-    for i in range(warmup + steps):
-        for name in ("megalm", "bare") if i % 2 == 0 else ("bare", "megalm"):
-            loss, seconds = _timed(runs[name])
-            losses[name].append(loss)
-            if i >= warmup:
-                times[name].append(seconds)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    losses, times = alternate(
+        {
+            "megalm": lambda i: _timed(lambda: megalm.train_step(batches).loss),
+            "bare": lambda i: _timed(
+                lambda: bare_step(bare, bare_opt, bare_sched, batches, device, cfg.optim.grad_clip)
+            ),
+        },
+        steps,
+        warmup,
+    )
     tokens = t.global_batch * m.seq_len
+    speed = throughput(times, tokens, model_flops_per_token(m))
     return {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -94,13 +92,9 @@ def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any
         "zero_stage": cfg.zero.stage,
         "steps_timed": steps,
         "tokens_per_step": tokens,
-        "median_step_s": med,
-        "tokens_per_s": {k: tokens / v for k, v in med.items()},
-        "tflops": {k: tokens * model_flops_per_token(m) / v / 1e12 for k, v in med.items()},
-        "ratio_megalm_over_bare": med["megalm"] / med["bare"],
-        "max_loss_rel_diff": max(
-            abs(a - b) / abs(b) for a, b in zip(losses["megalm"], losses["bare"], strict=True)
-        ),
+        **speed,
+        "ratio_megalm_over_bare": speed["median_step_s"]["megalm"] / speed["median_step_s"]["bare"],
+        "max_loss_rel_diff": max_rel_diff(losses["megalm"], losses["bare"]),
         "losses": losses,
         "step_times_s": times,
     }
