@@ -39,6 +39,26 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def run_checkout(
+    cmd: list[str], timeout: float = 600, env: dict[str, str] | None = None, merge: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the checkout root with :func:`subprocess_env` (or ``env``) and wait.
+
+    Output is captured as text, stderr into ``stdout`` with ``merge``; ``timeout`` is in
+    seconds on an ordinary machine (:func:`scaled_timeout`).
+    """
+    err = subprocess.STDOUT if merge else subprocess.PIPE
+    return subprocess.run(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env() if env is None else env,
+        timeout=scaled_timeout(timeout),
+    )
+
+
 TIMEOUT_FACTOR_ENV = "MEGALM_TEST_TIMEOUT_FACTOR"
 
 
@@ -74,7 +94,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     that lock for every later test to wait on (megalm/train/ds_ops.py)."""
     env = subprocess_env() | {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
     cmd = [PYTHON, "-c", "from megalm.train.ds_ops import build_comm_op; print(build_comm_op())"]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(900))
+    proc = run_checkout(cmd, 900, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megalm.train.launchers import launch_command
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, run_checkout
 from tests.golden import assert_matches_golden, golden_run_overrides, load_golden
 
 SCRIPT = str(ROOT / "launch" / "pretrain.py")
@@ -46,15 +46,7 @@ def run(
     cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
     """Run ``cmd`` from the repository root; stdout and stderr merged into ``stdout``."""
-    return subprocess.run(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env or subprocess_env(),
-        timeout=timeout,
-    )
+    return run_checkout(cmd, timeout, env, merge=True)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:

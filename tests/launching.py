@@ -15,7 +15,7 @@ import pytest
 
 from megalm.train.launchers import free_port, launch_command
 from megalm.train.metrics import read_metrics
-from tests.conftest import PYTHON, ROOT, scaled_timeout, subprocess_env
+from tests.conftest import PYTHON, ROOT, run_checkout, scaled_timeout, subprocess_env
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 SLURM_CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
@@ -47,7 +47,7 @@ def run_script(
     """Run ``launch/<name>`` with ``args`` under ``launcher`` (as :func:`run_pretrain`)."""
     cmd = launch_command(launcher, nproc, [str(ROOT / "launch" / name), *args])
     env = subprocess_env() if cuda else cpu_env()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=scaled_timeout(600))
+    proc = run_checkout(cmd, 600, env)
     assert proc.returncode == 0 or launcher == "python", proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

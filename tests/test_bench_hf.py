@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, run_checkout
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +19,7 @@ def test_bench_hf_sides_compute_the_same_losses(tmp_path):
         "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
         "model.seq_len=32", "training.micro_batch=2",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
+    proc = run_checkout(cmd, 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("speed ratio megalm / transformers") == 2
     results = json.loads((tmp_path / "bench_hf.json").read_text())["results"]
@@ -39,6 +38,6 @@ def test_bench_hf_sides_compute_the_same_losses(tmp_path):
 
 def test_bench_hf_rejects_bad_arguments(tmp_path):
     cmd = [PYTHON, str(ROOT / "launch" / "bench_hf.py"), "--out", str(tmp_path), "model.n_layer=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
+    proc = run_checkout(cmd, 120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "model.n_layers" in proc.stderr

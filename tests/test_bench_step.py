@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 
 import pytest
 
 from megalm.config import load_config
 from megalm.data import load_manifest
 from megalm.perf.flops import model_flops_per_token
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, run_checkout
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +23,7 @@ def test_bench_step_paths_compute_the_same_losses_and_consistent_numbers(shards_
     overrides = [f"data.dir={shards_dir}", *OVERRIDES]
     cmd = [PYTHON, str(ROOT / "launch" / "bench_step.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--steps", "3", "--warmup", "1", "--out", str(tmp_path), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300)
+    proc = run_checkout(cmd, 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "bench_step.json").read_text())
 

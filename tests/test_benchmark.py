@@ -17,7 +17,7 @@ from megalm.perf.memory import Recipe, activation_bytes, engine_fp32_state_bytes
 from megalm.perf.sweep import SweepSettings, format_table, launch_command, parse_sweep, write_outputs
 from megalm.train.engine import zero_bucket_elements
 from megalm.train.launchers import RANK_VARS, job_env
-from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.conftest import PYTHON, ROOT, run_checkout, tiny_overrides
 
 
 def test_parse_sweep_product_and_zip():
@@ -92,7 +92,7 @@ def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
     ]
     # Four DeepSpeed-launched configurations of 2 ranks took 2-3 min on a quiet 2-core machine and
     # over 15 min with two CPU burners beside them (issue 20); the bound only catches a hang.
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=2400)
+    return run_checkout(cmd, 2400)
 
 
 def _fixed(tmp_path: Path, shards_dir: Path) -> list[str]:

@@ -4,14 +4,13 @@ SIGKILL in the middle of a background write leaves the previous ``latest`` loada
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from megalm.checkpoint.writer import complete_tags
-from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.conftest import PYTHON, ROOT, run_checkout, tiny_overrides
 from tests.launching import CONFIG, run_pretrain, step_losses
 
 pytestmark = pytest.mark.slow
@@ -61,14 +60,7 @@ def test_sigkill_during_a_background_write_leaves_the_previous_latest_loadable(s
     over = tiny_overrides(
         tmp_path, shards_dir, **{**SAVES, "training.max_steps": 6, "training.async_save": "true"}
     )
-    killed = subprocess.run(
-        [PYTHON, "-c", KILL_MID_WRITE, "--config", CONFIG, *over],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=600,
-    )
+    killed = run_checkout([PYTHON, "-c", KILL_MID_WRITE, "--config", CONFIG, *over], 600)
     assert killed.returncode == -9, killed.stderr[-3000:]
     ckpt = tmp_path / "checkpoints"
     partial = ckpt / "step_00000004"
@@ -88,7 +80,7 @@ def test_sigkill_during_a_background_write_leaves_the_previous_latest_loadable(s
 def test_checkpoint_benchmark_writes_its_table_and_json(shards_dir, tmp_path):
     """The benchmark runs both modes on the same state (numbers: docs/checkpoints.md, not asserted)."""
     over = tiny_overrides(tmp_path / "run", shards_dir, **{"training.global_batch": 2})
-    proc = subprocess.run(
+    proc = run_checkout(
         [
             PYTHON,
             str(ROOT / "launch" / "bench_checkpoint.py"),
@@ -100,11 +92,7 @@ def test_checkpoint_benchmark_writes_its_table_and_json(shards_dir, tmp_path):
             str(tmp_path),
             *over,
         ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=600,
+        600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ratio async / sync blocked = " in proc.stdout

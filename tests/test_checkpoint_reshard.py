@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.conftest import PYTHON, ROOT, run_checkout, tiny_overrides
 from tests.launching import assert_losses_equal, run_pretrain, step_losses
 
 pytestmark = pytest.mark.slow
@@ -83,14 +83,7 @@ def test_zero3_dp2_checkpoint_resumes_at(saved_zero3, shards_dir, tmp_path, name
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "megalm.checkpoint", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=300,
-    )
+    return run_checkout([PYTHON, "-m", "megalm.checkpoint", *map(str, args)], 300)
 
 
 def _batch_loss(saved: Path, logits_fn, fresh: bool = False) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from megalm.data import (
     load_manifest,
     read_documents,
 )
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, run_checkout
 
 
 def test_tokenizer_round_trips_bytes_and_has_special_tokens(tokenizer_path):
@@ -136,23 +135,8 @@ def test_empty_corpus_is_an_error_in_every_tool(tmp_path, tokenizer_path):
         train_tokenizer([str(empty)], 512, tmp_path / "tok")
     with pytest.raises(InputError, match="hold no non-empty documents"):
         preprocess([str(empty)], tokenizer_path, tmp_path / "out")
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "data_tools.preprocess",
-            "--input",
-            str(empty),
-            "--tokenizer",
-            str(tokenizer_path),
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-    )
+    cmd = [PYTHON, "-m", "data_tools.preprocess", "--input", str(empty), "--tokenizer", str(tokenizer_path)]
+    proc = run_checkout([*cmd, "--output", str(tmp_path / "out")], 300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: the inputs ['{empty}'] hold no non-empty documents (text key 'text'; skipped: 1 empty)"

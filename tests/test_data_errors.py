@@ -14,7 +14,7 @@ from data_tools.preprocess import preprocess
 from data_tools.train_tokenizer import EOS, load_tokenizer, train_tokenizer
 from megalm.config.schema import DataConfig
 from megalm.data import DataError, load_manifest, open_train_batches
-from tests.conftest import PYTHON, ROOT, subprocess_env, tiny_overrides
+from tests.conftest import PYTHON, run_checkout, tiny_overrides
 from tests.launching import run_pretrain
 
 
@@ -35,9 +35,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
-    )
+    return run_checkout([PYTHON, "-m", *args], 300)
 
 
 def test_only_invalid_utf8_input_is_one_sentence(tokenizer_path, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from data_tools.inputs import InputError
 from data_tools.preprocess import preprocess
 from megalm.data import load_manifest, open_split
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, run_checkout, subprocess_env
 
 T = 16
 
@@ -39,7 +39,7 @@ def cli(*args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
     cmd = [PYTHON, "-m", "data_tools.preprocess", "--workers", "1", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), **popen)
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    return run_checkout(cmd, 300)
 
 
 def digests(root: Path) -> dict[str, str]:

@@ -16,7 +16,7 @@ from data_tools.inputs import InputError
 from data_tools.megatron import MegatronWriter, export_megatron, import_megatron, read_megatron
 from data_tools.preprocess import preprocess
 from megalm.data import ShardDocuments, load_manifest, read_documents
-from tests.conftest import PYTHON, ROOT, scaled_timeout, subprocess_env
+from tests.conftest import PYTHON, run_checkout
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +86,10 @@ def test_a_bad_record_ahead_of_a_long_input_is_one_error_line_not_a_hang(tokeniz
     pool's exit must stop it (it hung there before ``bounded_imap`` took a stop event)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n" + "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(2000)))
-    r = subprocess.run(
+    r = run_checkout(
         [PYTHON, "-m", "data_tools.preprocess", "--input", str(bad), "--tokenizer", str(tokenizer_path)]
         + ["--output", str(tmp_path / "out"), "--workers", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=scaled_timeout(120),
+        120,
     )
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == [
@@ -103,14 +99,7 @@ def test_a_bad_record_ahead_of_a_long_input_is_one_error_line_not_a_hang(tokeniz
 
 
 def run_inspect(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "data_tools.inspect", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=120,
-    )
+    return run_checkout([PYTHON, "-m", "data_tools.inspect", str(path)], 120)
 
 
 def test_inspect_summarises_and_verifies_checksums(shards_dir, tmp_path):

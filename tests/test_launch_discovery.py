@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from megalm.train.dist import LaunchError, detect_launcher, discover_ranks, first_host, tasks_on_node
-from tests.conftest import PYTHON, ROOT, VENV_BIN, scaled_timeout, subprocess_env
+from tests.conftest import PYTHON, VENV_BIN, run_checkout
 
 TORCHRUN = {
     "RANK": "1",
@@ -143,9 +142,7 @@ def read_rank_records(out_dir: Path, expected: int) -> list[dict]:
 @pytest.mark.skipif(not (VENV_BIN / "mpiexec").exists(), reason="no mpiexec: pip install mpich mpi4py")
 def test_mpiexec_discovery_through_mpi4py(tmp_path):
     cmd = [str(VENV_BIN / "mpiexec"), "-n", "2", PYTHON, "-c", DISCOVER, str(tmp_path)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=scaled_timeout(120)
-    )
+    proc = run_checkout(cmd, 120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ranks = read_rank_records(tmp_path, 2)
     assert [(r["launcher"], r["rank"], r["world_size"], r["local_rank"]) for r in ranks] == [

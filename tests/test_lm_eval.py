@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from tokenizers import Tokenizer
 
 from data_tools.train_tokenizer import EOS
 from megalm.checkpoint.hf import export_hf
-from tests.conftest import ROOT, VENV_BIN, subprocess_env
+from tests.conftest import VENV_BIN, run_checkout, subprocess_env
 from tests.test_hf import perturbed_model, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -76,10 +75,7 @@ def test_lm_eval_scores_exported_model_like_megalm(tokenizer_path, tmp_path):
         "HF_HOME": str(tmp_path / "hf_home"),  # datasets' cache stays in the test's directory
         "TOKENIZERS_PARALLELISM": "false",
     }
-    proc = subprocess.run(
-        lm_eval_command(tmp_path / "hf", tmp_path / "out"),
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
-    )  # fmt: skip
+    proc = run_checkout(lm_eval_command(tmp_path / "hf", tmp_path / "out"), 600, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results, samples = read_outputs(tmp_path / "out")
     tok = Tokenizer.from_file(str(tokenizer_path))
