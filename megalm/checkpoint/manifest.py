@@ -27,13 +27,18 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as given; the message names the file and the fix."""
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and wait until it is on the disk (flush + fsync)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(tmp, text.encode())
     os.replace(tmp, path)
 
 

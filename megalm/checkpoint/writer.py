@@ -18,7 +18,6 @@ the shared file system, without a collective in the training loop.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import threading
 import time
@@ -34,6 +33,7 @@ from megalm.checkpoint.manifest import (
     done_ranks,
     publish_manifest,
     write_done_marker,
+    write_synced,
 )
 
 LATEST = "latest"
@@ -53,10 +53,7 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 def write_file(path: Path, data: bytes) -> dict[str, int | str]:
     """Write ``data``, fsync it, read it back and compare: the manifest entry of a verified file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, data)
     entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     problem = check_file(path.parent, path.name, entry)
     if problem is not None:
