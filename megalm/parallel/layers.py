@@ -16,7 +16,7 @@ from torch import nn
 from kernels import use_triton
 from kernels import vocab_parallel_cross_entropy as kernel_vp_ce
 from megalm.parallel.mappings import (
-    all_reduce_,
+    all_reduce,
     copy_to_tp,
     gather_from_sp,
     gather_from_tp,
@@ -68,8 +68,13 @@ class ColumnParallelLinear(nn.Module):
         """This rank's rows of a full (out, ...) tensor."""
         return full.chunk(tp_size(self.group), dim=0)[tp_rank(self.group)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """``rows``: use only the first ``rows`` output rows of this shard (the output head's
+        real vocabulary, :func:`megalm.model.gpt.head_rows`); ``None``: all of them."""
+        if rows is None:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias[:rows]
+        return F.linear(x, self.weight[:rows], bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -162,7 +167,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
         # (N,); -inf on a rank whose whole slice is vocabulary padding
         row_max = logits.amax(dim=-1).to(stats) if v_local else logits.new_full((n,), -torch.inf, dtype=stats)
-        row_max = all_reduce_(row_max, group, torch.distributed.ReduceOp.MAX)
+        row_max = all_reduce(row_max, group, "max")
         shift = torch.where(torch.isneginf(row_max), 0.0, row_max)[:, None]  # (N, 1)
         exps = torch.sub(logits, shift).exp_()  # (N, V/p) in ``stats`` (type promotion)
         local = target - vocab_start
@@ -170,7 +175,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = local.clamp(0, max(v_local - 1, 0))[:, None]  # (N, 1)
         target_logit = logits.gather(1, local)[:, 0].to(stats) if v_local else row_max.new_zeros(n)
         sums = torch.stack([exps.sum(dim=-1), torch.where(inside, target_logit, 0.0)])  # (2, N)
-        sums = all_reduce_(sums, group)
+        sums = all_reduce(sums, group)
         ctx.save_for_backward(exps, sums[0], local, inside)
         ctx.dtype = logits.dtype
         return shift[:, 0] + torch.log(sums[0]) - sums[1]
@@ -224,8 +229,8 @@ def vocab_parallel_cross_entropy(
         logits,
         target,
         vocab_start=vocab_start,
-        all_reduce_max=lambda t: all_reduce_(t, group, torch.distributed.ReduceOp.MAX),
-        all_reduce_sum=lambda t: all_reduce_(t, group, torch.distributed.ReduceOp.SUM),
+        all_reduce_max=lambda t: all_reduce(t, group, "max"),
+        all_reduce_sum=lambda t: all_reduce(t, group),
         impl=impl,
     )
 
