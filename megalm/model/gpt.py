@@ -165,13 +165,24 @@ class Head(nn.Module):
 class LMLoss:
     """Mean next-token cross entropy from local logits (vocabulary-parallel, padding masked).
 
-    Called as ``loss(logits, labels)`` with logits (B, T, V_padded/tp), labels (B, T).
+    Called as ``loss(logits, labels)`` with logits (B, T, V_padded/tp), labels (B, T). A plain
+    callable, not a module (DeepSpeed's pipeline engine and its timers replace ``loss_fn``
+    with functions); :meth:`compile` compiles it in place, as ``nn.Module.compile`` does.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None) -> None:
         self.cfg, self.group = cfg, tp_group
+        self._run = self.forward
+
+    def compile(self, **kwargs) -> None:
+        """Run :meth:`forward` through ``torch.compile(**kwargs)`` from now on."""
+        self._run = torch.compile(self.forward, **kwargs)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._run(logits, labels)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss, eager."""
         B, T, v_local = logits.shape
         loss = vocab_parallel_cross_entropy(
             logits.reshape(B * T, v_local),
@@ -249,9 +260,16 @@ class GPT(nn.Module):
         self, x: torch.Tensor, pos=None, doc_ids=None, cache: KVCache | None = None
     ) -> torch.Tensor:
         n = self.recompute_interval
+        if cache is not None:
+            # Decoding runs the blocks eager: compiled ones (training.compile) would be retraced for
+            # every cache length; training and held-out windows keep their compiled graphs.
+            with torch.compiler.set_stance("force_eager"):
+                for i, block in enumerate(self.blocks):
+                    x = block(x, pos, doc_ids, cache.layer(i))
+            return x
         if not (self.training and n > 0):
-            for i, block in enumerate(self.blocks):
-                x = block(x, pos, doc_ids, None if cache is None else cache.layer(i))
+            for block in self.blocks:
+                x = block(x, pos, doc_ids)
             return x
         for start in range(0, len(self.blocks), n):
             group = self.blocks[start : start + n]

@@ -88,3 +88,54 @@ def test_auto_self_tests_at_trace_time_without_a_graph_break(interpreter, tmp_pa
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
     assert len(list(tmp_path.glob("norms-float32-*.json"))) == 1
     torch.testing.assert_close(compiled, f(x, w))
+
+
+@pytest.mark.slow
+def test_compiled_model_on_triton_kernels_with_dropout_and_recompute_matches_eager(interpreter, monkeypatch):
+    """``training.compile`` on ``model.kernels=triton``: megalm's llama blocks and loss compile as
+    one graph each (``fullgraph``: a break raises) with the norm, flash attention and cross-entropy
+    kernels inside as opaque custom ops; the kernels really run (spied). With dropout and
+    activation checkpointing on, loss and gradients equal the eager model's: the masks come from
+    PyTorch's generator (aten's ``bernoulli_`` on CPU; ``fallback_random`` on CUDA), and the
+    recompute replays them.
+    (LayerNorm and the softmax kernel under Inductor: the first test of this file.)"""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from megalm.config import ModelConfig
+    from megalm.model import GPT
+    from megalm.model.compile import compile_blocks
+
+    torch._dynamo.reset()
+    cfg = ModelConfig(
+        family="llama", vocab_size=70, n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, seq_len=16,
+        vocab_multiple=8, kernels="triton", dropout=0.2,
+    )  # fmt: skip
+    eager, compiled = GPT(cfg, init_seed=5), GPT(cfg, init_seed=5)
+    assert compile_blocks(compiled) == cfg.n_layers + 1  # every block and the loss
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    launched = []
+    original = InterpretedFunction.run
+
+    def spy(self, *args, **kwargs):
+        launched.append(self.__name__)
+        return original(self, *args, **kwargs)
+
+    def run(model):
+        model.set_recompute(1)
+        torch.manual_seed(7)  # the same dropout masks, if both draw them from torch's generator
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    eager_loss, eager_grads = run(eager)
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    compiled_loss, compiled_grads = run(compiled)
+    expected = {
+        f"_{op}_kernel"
+        for op in ("norm_fwd", "norm_bwd", "attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv",
+                   "cross_entropy_fwd", "cross_entropy_bwd")
+    }  # fmt: skip
+    assert expected <= set(launched), f"kernels missing from the compiled run: {expected - set(launched)}"
+    assert_close_fp32(compiled_loss, eager_loss, name="loss", tol=1e-5)
+    for name, grad in eager_grads.items():
+        assert_close_fp32(compiled_grads[name], grad, name=name, tol=1e-5)
