@@ -39,13 +39,14 @@ CASES = {
     "training.on_nonfinite=ignore": "training.on_nonfinite",
     "training.on_spike=retry": "training.on_spike",
     "dist.straggler_factor=0.5": "dist.straggler_factor must be 0 (off) or > 1, got 0.5",
+    "training.compile=true zero.stage=3": "training.compile=true with zero.stage=3: ZeRO-3 gathers",
 }
 
 
 @pytest.mark.parametrize("override", list(CASES))
 def test_bad_value_is_one_error_line_before_any_process_group(override, tmp_path, capsys):
     code = pretrain_cli.main(
-        ["--config", CONFIG, f"run.dir={tmp_path / 'run'}", "data.dir=/nonexistent", override]
+        ["--config", CONFIG, f"run.dir={tmp_path / 'run'}", "data.dir=/nonexistent", *override.split()]
     )
     out, err = capsys.readouterr()
     lines = err.splitlines()

@@ -189,6 +189,7 @@ class TrainingConfig:
     sample_top_k: int = 20
     recompute: Literal["none", "full"] = "none"  # activation checkpointing of transformer blocks
     recompute_interval: int = 1  # keep the input of every N blocks, recompute the rest
+    compile: bool = False  # torch.compile each transformer block and the loss (megalm/model/compile.py)
     # Numerical health (megalm/train/health.py), decided before each optimizer step.
     on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss or gradient
     max_skipped_steps: int = 20  # skipped steps (non-finite or spikes) allowed in a run, then stop
@@ -320,3 +321,32 @@ class Config:
             "data.document_mask=true needs an attention model: model.family=lstm reads each window as "
             "one sequence; use model.family=llama or gpt2, or data.document_mask=false",
         )
+        if self.training.compile:
+            problems = compile_problems(self)
+            require(not problems, "; ".join(problems))
+
+
+def compile_problems(cfg: Config) -> list[str]:
+    """Why ``training.compile=true`` cannot run with ``cfg`` (empty: it can).
+
+    Each compiled block is one graph without breaks (``fullgraph``), so everything a block
+    runs must be traceable (:mod:`megalm.model.compile`).
+    """
+    out = []
+    if cfg.model.family == "lstm":
+        out.append(
+            "training.compile=true with model.family=lstm: compilation is per transformer block and the "
+            "LSTM baseline has none; use model.family=llama or gpt2, or training.compile=false"
+        )
+    if cfg.parallel.cp > 1:
+        out.append(
+            f"training.compile=true with parallel.cp={cfg.parallel.cp}: ring attention exchanges key/value "
+            "blocks point-to-point inside the block, which a compiled graph cannot hold; use parallel.cp=1 "
+            "or training.compile=false"
+        )
+    if cfg.zero.stage == 3:
+        out.append(
+            "training.compile=true with zero.stage=3: ZeRO-3 gathers each layer's parameters in module "
+            "hooks that run inside the compiled block; use zero.stage<=2 or training.compile=false"
+        )
+    return out

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megalm.config import Config
 from megalm.model import build_model
+from megalm.model.compile import compile_blocks
 from megalm.parallel import ParallelContext
 from megalm.train.dist import DistInfo
 from megalm.train.engine import build_engine, gradient_accumulation, resolve_dtype
@@ -53,6 +54,7 @@ class Strategy(Protocol):
     engine: object
     module: torch.nn.Module
     lm: Callable[..., torch.Tensor]
+    compiled: int  # modules compiled by training.compile (blocks and loss of this rank), 0 if off
 
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput: ...
 
@@ -76,6 +78,7 @@ class PlainStep:
         model = build_model(cfg.model, ctx.tp_group, p.sequence_parallel, cfg.run.seed, ctx.cp_group)
         if t.recompute == "full":
             model.set_recompute(t.recompute_interval)
+        self.compiled = compile_blocks(model) if t.compile else 0
         self.mpu = ctx.as_mpu()
         self.engine = build_engine(cfg, model, ctx.dp, info.device, self.mpu)
         # ZeRO-0 fp32: DeepSpeed clips but does not keep the norm; measure it before the step.
@@ -124,6 +127,7 @@ class PipelineStep:
     ) -> None:
         self.cfg, self.ctx, self.device = cfg, ctx, info.device
         self.module = build_pipeline(cfg, ctx, init_seed=cfg.run.seed)
+        self.compiled = compile_blocks(self.module) if cfg.training.compile else 0
         self.engine, self.clipping = build_pipeline_engine(cfg, self.module, ctx, info.device)
         self.accum = gradient_accumulation(cfg, ctx.dp)
         self.lm = PipelineLM(self.module, ctx, cfg.model)  # pipelined decode, see megalm/train/generation.py

@@ -107,6 +107,11 @@ class Trainer:
         self.clock = StepClock(self.accum)
         self._clock_warm = False
         self.phase = "start-up"
+        if cfg.training.compile:
+            self._log0(
+                "compile | torch.compile (inductor, fullgraph) of each transformer block and the loss: "
+                f"{self.strategy.compiled} modules on rank 0, compiled at first use"
+            )
         if cfg.parallel.pp > 1:
             for line in describe_partition(self.strategy.module, self.ctx):
                 self._log0(f"pipe   | {line}")
