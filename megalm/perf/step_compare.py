@@ -7,10 +7,16 @@ same model (the same seed gives the same weights). The two alternate (ABAB...) i
 one process so machine noise hits both alike; the result is the ratio of median step
 times (megalm / bare). Both paths must produce the same losses, which shows they do the
 same work.
+
+``compiled=True`` adds a third path, the same trainer step with ``training.compile=true``
+(every block and the loss through ``torch.compile``, :mod:`megalm.model.compile`), in the
+same rotation; ``ratio_compiled_over_eager`` is its tokens/s over the eager trainer step's.
+Compilation happens in the warm-up steps, which are not timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,30 +66,36 @@ def _random_batches(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(w[:, :-1], w[:, 1:]) for w in windows]
 
 
-def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
-    """Time ``steps`` optimizer steps of each path after ``warmup`` untimed ones (world of 1)."""
+def compare_step(cfg: Config, steps: int = 10, warmup: int = 3, compiled: bool = False) -> dict[str, Any]:
+    """Time ``steps`` optimizer steps of each path after ``warmup`` untimed ones (world of 1).
+
+    Paths: ``megalm`` (the trainer's step, eager), ``bare``, and with ``compiled`` the trainer's
+    step with ``training.compile=true``, alternating (:func:`megalm.perf.measure.alternate`).
+    """
     info = init_distributed(cfg)
     if info.world_size != 1:
         raise ValueError("the step benchmark compares single-process steps; run it with plain python")
     device, t, m = info.device, cfg.training, cfg.model
-    megalm = PlainStep(cfg, ParallelContext(ParallelDims.from_world(1)), info)
+    ctx = ParallelContext(ParallelDims.from_world(1))
+    megalm = PlainStep(dataclasses.replace(cfg, training=dataclasses.replace(t, compile=False)), ctx, info)
     bare = GPT(m, init_seed=cfg.run.seed).to(device)
     bare_opt = make_optimizer(bare, cfg.optim, device)
     bare_sched = make_scheduler(bare_opt, cfg.optim, t.max_steps)
     batches = _random_batches(cfg)
-    losses, times = alternate(
-        {
-            "megalm": lambda i: _timed(lambda: megalm.train_step(batches).loss),
-            "bare": lambda i: _timed(
-                lambda: bare_step(bare, bare_opt, bare_sched, batches, device, cfg.optim.grad_clip)
-            ),
-        },
-        steps,
-        warmup,
-    )
+    sides = {
+        "megalm": lambda i: _timed(lambda: megalm.train_step(batches).loss),
+        "bare": lambda i: _timed(
+            lambda: bare_step(bare, bare_opt, bare_sched, batches, device, cfg.optim.grad_clip)
+        ),
+    }
+    if compiled:
+        step = PlainStep(dataclasses.replace(cfg, training=dataclasses.replace(t, compile=True)), ctx, info)
+        sides["compiled"] = lambda i: _timed(lambda: step.train_step(batches).loss)
+    losses, times = alternate(sides, steps, warmup)
     tokens = t.global_batch * m.seq_len
     speed = throughput(times, tokens, model_flops_per_token(m))
-    return {
+    med = speed["median_step_s"]
+    out = {
         "device": str(device),
         "threads": torch.get_num_threads(),
         "model": {k: getattr(m, k) for k in ("family", "n_layers", "d_model", "seq_len", "vocab_size")},
@@ -93,8 +105,12 @@ def compare_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, Any
         "steps_timed": steps,
         "tokens_per_step": tokens,
         **speed,
-        "ratio_megalm_over_bare": speed["median_step_s"]["megalm"] / speed["median_step_s"]["bare"],
+        "ratio_megalm_over_bare": med["megalm"] / med["bare"],
         "max_loss_rel_diff": max_rel_diff(losses["megalm"], losses["bare"]),
         "losses": losses,
         "step_times_s": times,
     }
+    if compiled:
+        out["ratio_compiled_over_eager"] = med["megalm"] / med["compiled"]  # tokens/s compiled / eager
+        out["max_loss_rel_diff_compiled"] = max_rel_diff(losses["compiled"], losses["megalm"])
+    return out
