@@ -30,23 +30,32 @@ def cpu_env() -> dict[str, str]:
 
 
 def run_pretrain(
-    overrides: list[str], launcher: str = "python", nproc: int = 1, cuda: bool = False
+    overrides: list[str],
+    launcher: str = "python",
+    nproc: int = 1,
+    cuda: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``launch/pretrain.py`` with ``configs/tiny.yaml`` plus ``overrides``, on CPU unless ``cuda``.
 
     A non-zero exit fails the test for the multi-process launchers; plain python
     returns the process so tests can check error exits. The timeout is 600 s times
-    ``MEGALM_TEST_TIMEOUT_FACTOR``.
+    ``MEGALM_TEST_TIMEOUT_FACTOR``. ``env`` replaces the default environment.
     """
-    return run_script("pretrain.py", ["--config", CONFIG, *overrides], launcher, nproc, cuda)
+    return run_script("pretrain.py", ["--config", CONFIG, *overrides], launcher, nproc, cuda, env)
 
 
 def run_script(
-    name: str, args: list[str], launcher: str = "python", nproc: int = 1, cuda: bool = False
+    name: str,
+    args: list[str],
+    launcher: str = "python",
+    nproc: int = 1,
+    cuda: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``launch/<name>`` with ``args`` under ``launcher`` (as :func:`run_pretrain`)."""
     cmd = launch_command(launcher, nproc, [str(ROOT / "launch" / name), *args])
-    env = subprocess_env() if cuda else cpu_env()
+    env = env or (subprocess_env() if cuda else cpu_env())
     proc = run_checkout(cmd, 600, env)
     assert proc.returncode == 0 or launcher == "python", proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

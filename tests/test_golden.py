@@ -18,6 +18,7 @@ from tests.golden import (
     data_fingerprint,
     load_golden,
 )
+from tests.host_reads import assert_host_reads, reads_dir
 
 Failed = pytest.fail.Exception
 
@@ -27,6 +28,16 @@ Failed = pytest.fail.Exception
 def test_single_process_run_reproduces_the_golden_curve_bitwise(golden_runs, family):
     """Losses, grad norms, lr of steps 1..20 and held-out losses at 0, 10, 20: bit-equal."""
     assert_matches_golden(golden_runs(family), family, rel=SAME_ARITHMETIC)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_run_reads_the_host_once_per_step_and_once_per_log_record(golden_runs, family):
+    """The golden run (one process, log every step): one host read per step, the health verdict,
+    plus one per log record (loss and grad norm together); tests/host_reads.py."""
+    run = golden_runs(family)
+    steps = len(load_golden(family)["steps"])
+    assert_host_reads(reads_dir(run), ranks=1, steps=steps, log_records=steps)
 
 
 def test_golden_data_is_byte_identical_run_to_run(golden_data, tmp_path):

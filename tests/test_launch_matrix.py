@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import VENV_BIN
+from tests.host_reads import assert_host_reads, host_read_env, reads_dir
 from tests.launch_cells import (
     LAYOUTS,
+    STEPS,
     assert_cell_matches_golden,
     assert_one_error_line,
     cell_args,
@@ -36,10 +38,14 @@ def _marks(launcher: str) -> list:
     [pytest.param(lau, lay, marks=_marks(lau)) for lau in LAUNCHERS for lay in ("tp2", "pp2-zero1")],
 )
 def test_two_ranks_equal_single_process(golden_data, tmp_path, launcher, layout):
-    proc = run([*launcher_command(launcher, 2), *cell_args(tmp_path, golden_data, **LAYOUTS[layout])])
+    """...and every rank reads the host once per step and at most once per log record."""
+    run_dir = tmp_path / "run"
+    env = host_read_env(reads_dir(run_dir))
+    proc = run([*launcher_command(launcher, 2), *cell_args(run_dir, golden_data, **LAYOUTS[layout])], env)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert dist_lines(proc.stdout) == [(launcher, 0, 2, 0, 2), (launcher, 1, 2, 1, 2)]
-    assert_cell_matches_golden(f"{launcher} {layout}", tmp_path, proc.stdout)
+    assert_cell_matches_golden(f"{launcher} {layout}", run_dir, proc.stdout)
+    assert_host_reads(reads_dir(run_dir), ranks=2, steps=len(STEPS), log_records=len(STEPS))
 
 
 def test_pp2_zero0_reports_the_single_process_grad_norm(golden_data, tmp_path):

@@ -33,7 +33,7 @@ def test_a_rank_slower_than_factor_times_the_median_is_named_with_its_host():
 
 
 def _gather(rank: int, world: int) -> tuple[list[str], list[dict]]:
-    times = gather_step_times([0.1, 0.1, 0.5][rank], torch.device("cpu"))
+    times = gather_step_times([0.1, 0.1, 0.5][rank], torch.device("cpu")).tolist()
     hosts = gather_hosts()
     return hosts, find_stragglers(times, 1.5, hosts)
 

@@ -276,13 +276,14 @@ def timed_phases(module: torch.nn.Module, timer: PhaseTimer) -> Iterator[None]:
 
 def pipeline_train_step(
     engine, micro_batches: list[tuple[torch.Tensor, ...]], timer: PhaseTimer | None = None
-) -> float:
-    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss.
+) -> torch.Tensor:
+    """One optimizer step over ``accum`` micro-batches (1F1B); the data-parallel mean loss as a
+    0-d tensor on the device (DeepSpeed broadcasts it from the last stage; not read here).
 
     ``timer`` (optional) gets the stage's phases through :func:`timed_phases`.
     """
     with timed_phases(engine.module, timer) if timer is not None else contextlib.nullcontext():
-        return float(engine.train_batch(data_iter=iter(pipe_batches(micro_batches))))
+        return engine.train_batch(data_iter=iter(pipe_batches(micro_batches))).detach()
 
 
 def pipeline_eval_loss(engine, micro_batches: list[tuple[torch.Tensor, ...]], accum: int) -> float:

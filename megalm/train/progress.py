@@ -1,7 +1,9 @@
 """What a user watches: per-step numbers gathered on the device, logged every ``log_interval``.
 
-Losses and gradient norms stay on the device between log steps (no host read per
-step); at a log step they are read once, the interval's wall time (without evaluation
+Losses and gradient norms stay on the device between log steps; at a log step the
+last step's loss and norm are read in one host read (the only other one in a step is the
+health verdict of :mod:`megalm.train.health`, which must be known before the weights
+change; ``tests/host_reads.py`` counts both), the interval's wall time (without evaluation
 and checkpoint time) gives tokens/s, and MFU comes from
 :func:`megalm.perf.flops.utilization`, the same function the benchmark reports with.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -47,8 +49,8 @@ class Progress:
         self.first_step = start + 1
         self.tokens_per_step = cfg.training.global_batch * cfg.model.seq_len
         self.peak, self.peak_source = peak_flops(device) if log is not None else (1.0, "")
-        self._losses: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []
+        self._last: StepOutput | None = None  # the interval's last step (device tensors)
+        self._steps = 0  # steps in this interval
         self._excluded = 0.0
         self.t_start = self._t_interval = time.perf_counter()
 
@@ -66,21 +68,39 @@ class Progress:
 
     def add(self, out: StepOutput) -> None:
         """Keep one step's loss and norm (device tensors, not read here)."""
-        self._losses.append(out.loss)
-        if out.grad_norm is not None:
-            self._norms.append(out.grad_norm)
+        self._last = out
+        self._steps += 1
 
-    def maybe_log(self, step: int, lr: float, epoch: int, last_step: bool = False) -> dict[str, Any] | None:
-        """At a log step: read the interval's numbers once, write and print the record."""
+    def maybe_log(
+        self,
+        step: int,
+        lr: float,
+        epoch: int,
+        last_step: bool = False,
+        rank_times: torch.Tensor | None = None,
+        on_rank_times: Callable[[list[float]], None] | None = None,
+    ) -> dict[str, Any] | None:
+        """At a log step: read the interval's numbers in one host read, write and print the record.
+
+        ``rank_times`` (world,) on the device: every rank's own work per step
+        (:func:`megalm.train.stragglers.gather_step_times`), read with the loss and handed
+        to ``on_rank_times`` before the record is built.
+        """
         if not self.due(step, last_step):
             return None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         seconds = max(now - self._t_interval - self._excluded, 1e-9)
-        steps = len(self._losses)
-        loss = self._losses[-1].item()
-        gnorm = self._norms[-1].item() if self._norms else None
+        steps, out = self._steps, self._last
+        norm = out.loss.new_full((), float("nan")) if out.grad_norm is None else out.grad_norm
+        parts = [out.loss.double().reshape(1), norm.to(out.loss.device, torch.float64).reshape(1)]
+        if rank_times is not None:
+            parts.append(rank_times.to(out.loss.device, torch.float64))
+        loss, gnorm, *times = torch.cat(parts).tolist()  # the one host read of a log step
+        gnorm = None if out.grad_norm is None else gnorm
+        if times and on_rank_times is not None:
+            on_rank_times(times)
         tokens_per_s = self.tokens_per_step * steps / seconds
         m, t = self.cfg.model, self.cfg.training
         u = utilization(m, tokens_per_s, self.world_size, self.peak, self.peak_source, t.recompute)
@@ -98,7 +118,7 @@ class Progress:
             "elapsed_s": now - self.t_start,
             "epoch": epoch,
         }
-        self._losses, self._norms, self._excluded, self._t_interval = [], [], 0.0, now
+        self._last, self._steps, self._excluded, self._t_interval = None, 0, 0.0, now
         if self.log is not None:
             self.log.write(record)
             self._print(record)

@@ -95,12 +95,14 @@ def find_stragglers(times: list[float], factor: float, hosts: list[str]) -> list
     ]
 
 
-def gather_step_times(seconds: float, device: torch.device) -> list[float]:
-    """Collective: every rank's ``seconds``, by rank (one all-gather of one float each)."""
+def gather_step_times(seconds: float, device: torch.device) -> torch.Tensor:
+    """Collective: every rank's ``seconds``, by rank, as a (world,) fp64 tensor on ``device``
+    (one all-gather of one float each; not read here: the log step reads it together with
+    the loss, :meth:`megalm.train.progress.Progress.maybe_log`)."""
     mine = torch.tensor([seconds], dtype=torch.float64, device=device)
-    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, mine)
-    return [t.item() for t in out]
+    out = torch.empty(dist.get_world_size(), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(out, mine)
+    return out
 
 
 def missing_ranks(rank: int, world: int, wait_s: float) -> list[int] | None:

@@ -137,7 +137,7 @@ class PipelineStep:
     def train_step(self, micro_batches: MicroBatches, timer: PhaseTimer | None = None) -> StepOutput:
         loss = pipeline_train_step(self.engine, micro_batches, timer)
         gnorm = pipeline_grad_norm(self.engine, self.clipping)
-        return StepOutput(torch.as_tensor(loss, dtype=torch.float32), gnorm)
+        return StepOutput(loss.float(), gnorm)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: MicroBatches) -> float:

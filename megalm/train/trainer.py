@@ -187,8 +187,8 @@ class Trainer:
                 if restored != step:  # rolled back: the loop goes on after the restored step
                     step = restored
                     continue
-            self._log_stragglers(progress, step, last)
-            record = progress.maybe_log(step, lr, self.batches.epoch, last)
+            times = self._gather_rank_work(progress, step, last)
+            record = progress.maybe_log(step, lr, self.batches.epoch, last, times, self._name_stragglers)
             if record is not None:
                 result.losses[step] = record["loss"]
             with progress.excluded():
@@ -294,16 +294,19 @@ class Trainer:
         )
         return restored
 
-    def _log_stragglers(self, progress: Progress, step: int, last: bool) -> None:
-        """Collective at log steps: name ranks whose own work per step exceeds the median's factor."""
+    def _gather_rank_work(self, progress: Progress, step: int, last: bool) -> torch.Tensor | None:
+        """Collective at log steps: every rank's own work per step (read by the log step)."""
         if not progress.due(step, last):
-            return
+            return None
         if not self._clock_warm:  # the first interval after a start holds one-off work (allocation, caches)
             self._clock_warm = True
             self.clock.take()
-            return
+            return None
+        return gather_step_times(self.clock.take(), self.info.device)
+
+    def _name_stragglers(self, times: list[float]) -> None:
+        """Name ranks whose own work per step exceeds ``dist.straggler_factor`` x the median."""
         factor = self.cfg.dist.straggler_factor
-        times = gather_step_times(self.clock.take(), self.info.device)
         slow = find_stragglers(times, factor, self.hosts)
         self.extra.update(
             rank_work_s_median=statistics.median(times), rank_work_s_max=max(times), stragglers=slow

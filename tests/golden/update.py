@@ -17,10 +17,13 @@ from tests.golden import FAMILIES, build_golden_data, golden_path, golden_record
 
 
 def run_golden(run_dir: Path, data_dir: Path, family: str) -> Path:
-    """The single-process golden run of ``family`` in ``run_dir`` (fails loudly)."""
-    from tests.launching import run_pretrain
+    """The single-process golden run of ``family`` in ``run_dir`` (fails loudly); its host
+    reads are counted beside it (:func:`tests.host_reads.reads_dir`)."""
+    from tests.host_reads import host_read_env, reads_dir
+    from tests.launching import cpu_env, run_pretrain
 
-    proc = run_pretrain(golden_run_overrides(run_dir, data_dir, family))
+    env = host_read_env(reads_dir(run_dir), cpu_env())
+    proc = run_pretrain(golden_run_overrides(run_dir, data_dir, family), env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"golden {family} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return run_dir
