@@ -90,16 +90,19 @@ def test_one_epoch_puts_every_token_in_exactly_one_window(unique_dir, dp, worker
     assert all(r.epoch == 1.0 for r in ranks)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_same_batches_twice_and_across_epochs(unique_dir, workers):
+@pytest.mark.parametrize(("workers", "prefetch"), [(0, False), (2, False), (0, True), (2, True)])
+def test_resume_gives_the_same_batches_twice_and_across_epochs(unique_dir, workers, prefetch):
+    """Also with the next step built in the background (``prefetch``): the same batches as
+    the plain loader, and the saved position is that of the steps handed out."""
     windows = open_split(load_manifest(unique_dir), "train", T)
-    straight = TrainBatches(windows, 3, 24, 4, 0, 1, workers=workers)
+    straight = TrainBatches(windows, 3, 24, 4, 0, 1)
     reference = [straight.step_batches() for _ in range(10)]  # 240 samples: 2.5 epochs
-    run = TrainBatches(windows, 3, 24, 4, 0, 1, workers=workers)
+    run = TrainBatches(windows, 3, 24, 4, 0, 1, workers=workers, prefetch=prefetch)
     got = [run.step_batches() for _ in range(3)]
     for stop in (6, 10):  # resume at step 3 (mid-epoch) then at step 6 (past the first epoch boundary)
         state = json.loads(json.dumps(run.state_dict()))  # checkpoints store it as JSON
-        run = TrainBatches(windows, 3, 24, 4, 0, 1, workers=workers)
+        assert state["consumed"] == 24 * len(got)
+        run = TrainBatches(windows, 3, 24, 4, 0, 1, workers=workers, prefetch=prefetch)
         run.load_state_dict(state)
         got += [run.step_batches() for _ in range(stop - len(got))]
     for a, b in zip(reference, got, strict=True):

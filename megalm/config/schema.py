@@ -158,6 +158,7 @@ class DataConfig:
     cache_gb: float = 50.0  # remote dir: size bound of the shard cache (least recently used evicted)
     fetch_retries: int = 3  # remote dir: retries of a failed transfer (backoff 0.5 s, 1 s, 2 s, ...)
     document_mask: bool = False  # packed windows: no attention across documents, positions restart
+    prefetch: bool = True  # build the next step's micro-batches while this one trains (a thread)
 
     def __post_init__(self) -> None:
         _non_negative("data", self, "workers")

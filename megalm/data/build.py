@@ -138,4 +138,5 @@ def open_train_batches(
         with_ids=data.document_mask,
         cp_rank=cp_rank,
         cp_size=cp_size,
+        prefetch=data.prefetch,
     )

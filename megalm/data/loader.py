@@ -31,9 +31,11 @@ data-parallel rank read the same windows and keep different tokens of them.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,6 +90,9 @@ def _build(mb: _MicroBatch) -> tuple[list[np.ndarray], _MicroBatch]:
     return [t.numpy() for t in tensors], mb
 
 
+_PREFETCH = ThreadPoolExecutor(1, thread_name_prefix="megalm-prefetch")  # builds the next step
+
+
 class TrainBatches:
     """Micro-batches of one data-parallel rank over one or a blend of datasets.
 
@@ -103,6 +108,13 @@ class TrainBatches:
         with_ids: also return ``position_ids`` and ``doc_ids`` per micro-batch.
         cp_rank, cp_size: context parallelism: keep this cp rank's ``seq_len / cp`` tokens
             of every window (module docstring); the windows do not depend on it.
+        prefetch: build the next step's micro-batches in a background thread while the
+            current step trains (the order and the saved position are the same either way:
+            the position moves when a step is handed out).
+
+    ``pin`` (attribute, default off; the trainer sets it on CUDA): prefetched micro-batches
+    are copied into page-locked memory, so the step's ``.to(device, non_blocking=True)``
+    overlaps with compute.
     """
 
     def __init__(
@@ -118,6 +130,7 @@ class TrainBatches:
         with_ids: bool = False,
         cp_rank: int = 0,
         cp_size: int = 1,
+        prefetch: bool = False,
     ) -> None:
         if global_batch % (micro_batch * dp_size):
             raise ValueError(
@@ -136,6 +149,8 @@ class TrainBatches:
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.consumed = 0  # global samples consumed by completed steps
         self.counts = [0] * len(self.sources)  # of which from each dataset
+        self.prefetch, self.pin = prefetch, False
+        self._ahead: Future | None = None  # the next step, being built (with ``prefetch``)
         self._reset()
 
     def _reset(self) -> None:
@@ -165,7 +180,11 @@ class TrainBatches:
         return ((tuple(torch.from_numpy(a) for a in arrays), mb) for arrays, mb in built)
 
     def close(self) -> None:
-        """Stop the worker processes (a later ``step_batches`` starts new ones)."""
+        """Stop the prefetch and the worker processes (a later ``step_batches`` starts new ones)."""
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # its error, if any, belongs to a step never taken
+                ahead.result()
         if getattr(self, "_pool", None) is not None:
             self._stop.set()
             self._pool.terminate()
@@ -184,13 +203,22 @@ class TrainBatches:
         """
         if self._it is None:
             self._it = self._pipeline()
+        ahead, self._ahead = self._ahead, None
+        out, (consumed, counts) = ahead.result() if ahead is not None else self._next_step()
+        if self.prefetch:
+            self._ahead = _PREFETCH.submit(self._next_step)
+        self.consumed, self.counts = consumed, list(counts)
+        return out
+
+    def _next_step(self) -> tuple[list[tuple[torch.Tensor, ...]], tuple]:
+        """The next step's micro-batches (pinned with ``pin``) and the position after them.
+        Only one caller at a time: the trainer's thread, or the one prefetch in flight."""
+        assert self._it is not None
         out = []
         for _ in range(self.accum):
             batch, mb = next(self._it)
-            out.append(batch)
-        self.consumed, counts = mb.state_after
-        self.counts = list(counts)
-        return out
+            out.append(tuple(t.pin_memory() for t in batch) if self.pin else batch)
+        return out, mb.state_after
 
     @property
     def epoch(self) -> float:

@@ -93,6 +93,7 @@ class Trainer:
         self.tokenizer_file, self.eos_id = manifest.tokenizer_file, manifest.eos_id
 
         self.info = info = init_distributed(cfg, ranks)
+        self.batches.pin = info.device.type == "cuda"  # page-locked, for non-blocking copies
         self.run_dir = Path(cfg.run.dir)
         self.lock = self._lock_run_dir()  # before anything is written, on every rank's word
         self.hosts = gather_hosts()
