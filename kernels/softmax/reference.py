@@ -31,7 +31,7 @@ def softmax_mask(
 ) -> torch.Tensor | None:
     """Combined bool mask (True = masked), broadcastable to ``scores_shape``, or None."""
     combined = mask
-    if causal:
+    if causal and q_offset < scores_shape[-1] - 1:  # else no key lies past any query (one-row decode)
         tq, tk = scores_shape[-2], scores_shape[-1]
         upper = torch.ones(tq, tk, dtype=torch.bool, device=device).triu(diagonal=1 + q_offset)
         combined = upper if combined is None else combined | upper

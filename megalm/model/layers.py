@@ -21,6 +21,15 @@ from megalm.parallel.mappings import copy_to_tp, tp_rank, tp_size
 from megalm.parallel.ring import ring_attention
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm's forward: (y (..., C) in x's dtype, rstd (..., 1) in the compute dtype)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)  # (..., C)
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # (..., 1)
+    rstd = torch.rsqrt(norm.square_().div_(x.size(-1)).add_(eps))  # (..., 1)
+    return (xf * rstd).mul_(weight.to(compute)).to(x.dtype), rstd
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm's PyTorch path with a hand-written backward (fewer passes than autograd's).
 
@@ -35,12 +44,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(compute)  # (..., C)
-        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # (..., 1)
-        rstd = torch.rsqrt(norm.square_().div_(x.size(-1)).add_(eps))  # (..., 1)
+        y, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd).mul_(weight.to(compute)).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -73,7 +79,9 @@ class RMSNorm(nn.Module):
         w = copy_to_tp(self.weight, self.sp_group)
         if use_triton(self.kernels, x, w, op="norms"):
             return rms_norm(x, w, self.eps, impl=self.kernels)
-        return _RMSNormFunction.apply(x, w, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return _RMSNormFunction.apply(x, w, self.eps)
+        return _rms_norm(x, w, self.eps)[0]  # evaluation, decoding: the same arithmetic, no autograd node
 
 
 class LayerNorm(nn.Module):
