@@ -95,7 +95,15 @@ def use_triton(impl: str, *tensors: torch.Tensor | None, op: str) -> bool:
     return _decide(impl, devices, dtype, op)
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """:func:`torch.compiler.assume_constant_result` without its import of ``torch._dynamo``
+    (about 1.2 s at every process start): the same marker, which dynamo reads only when it
+    traces (tests/kernels/test_dispatch.py checks that torch still sets this marker)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def _decide(impl: str, devices: tuple[str, ...], dtype: torch.dtype | None, op: str) -> bool:
     """:func:`use_triton` on plain values. Under ``torch.compile`` it runs once at trace
     time and its answer is a constant of the graph (the self-test never gets traced)."""

@@ -115,3 +115,16 @@ def test_importing_kernels_compiles_nothing():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_compile_constant_marker_is_the_one_torch_sets():
+    """kernels.dispatch marks ``_decide`` constant for torch.compile without importing dynamo;
+    the marker must stay what ``torch.compiler.assume_constant_result`` sets."""
+    from kernels.dispatch import _decide
+
+    def probe() -> int:
+        return 0
+
+    torch.compiler.assume_constant_result(probe)
+    marked = dict(vars(probe))
+    assert marked == {"_dynamo_marked_constant": True} and _decide._dynamo_marked_constant is True
