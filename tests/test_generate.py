@@ -61,6 +61,33 @@ def test_decode_steps_run_one_query_row_through_unfused_attention(monkeypatch):
     assert calls == [c for c in per_layer for _ in range(2)]  # two layers each
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoding_fuses_projections_and_equals_the_training_forward(family):
+    """Inside ``decoding`` q/k/v (and SwiGLU's W1/W3) run as one GEMM each; the cached steps'
+    logits equal the plain eval-mode forward of the whole sequence (no decoding context)."""
+    from megalm.model.kv_cache import KVCache
+
+    model = build_model(_cfg(family), init_seed=5).eval()
+    tokens = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(tokens)  # (2, 12, V): separate projections
+        with decoding(model):
+            cache = KVCache(12)
+            steps = []
+            for lo, hi in [(0, 9), (9, 10), (10, 11), (11, 12)]:  # prefill, then one token at a time
+                cache.begin(hi - lo)
+                steps.append(
+                    model(
+                        tokens[:, lo:hi], position_ids=torch.arange(lo, hi)[None].expand(2, -1), cache=cache
+                    )
+                )
+                cache.commit()
+            fused = [m.decode_fused for m in model.modules() if getattr(m, "decode_fused", None) is not None]
+        assert all(isinstance(f, tuple) for f in fused) and len(fused) == (4 if family == "llama" else 2)
+        assert all(getattr(m, "decode_fused", None) is None for m in model.modules())  # dropped after
+    torch.testing.assert_close(torch.cat(steps, dim=1), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_generation_stops_at_eos_per_row():
     """A row that produced EOS keeps it as its last token; generation ends when all rows have."""
     vocab, eos = 11, 10

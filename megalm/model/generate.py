@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from megalm.model.kv_cache import KVCache
+from megalm.model.layers import set_decode_fusion
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def decoding(module: nn.Module) -> Iterator[None]:
     of them instead of 1/tp), not the math, so its modules run as plain TP. Likewise
     context parallelism (``cp_group``): every cp rank holds the same weights, so each one
     decodes the whole sequence itself (cp = 1 math, no ring), as the KV cache needs.
+    Projections that share an input run as one GEMM (:func:`megalm.model.layers.fused_projection`).
     """
     flagged = [m for m in module.modules() if getattr(m, "sequence_parallel", False)]
     cp_groups = [(m, m.cp_group) for m in module.modules() if getattr(m, "cp_group", None) is not None]
@@ -202,9 +204,11 @@ def decoding(module: nn.Module) -> Iterator[None]:
         m.sequence_parallel = False
     for m, _ in cp_groups:
         m.cp_group = None
+    set_decode_fusion(module, True)
     try:
         yield
     finally:
+        set_decode_fusion(module, False)
         for m in flagged:
             m.sequence_parallel = True
         for m, group in cp_groups:

@@ -7,6 +7,8 @@ nh=query heads, nkv=key/value heads, hs=head size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,36 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.
     norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # (..., 1)
     rstd = torch.rsqrt(norm.square_().div_(x.size(-1)).add_(eps))  # (..., 1)
     return (xf * rstd).mul_(weight.to(compute)).to(x.dtype), rstd
+
+
+def fused_projection(
+    owner: nn.Module, pieces: Callable[[], list[tuple[torch.Tensor, torch.Tensor | None]]], x: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Linear projections that share the input ``x`` (..., C), as ONE GEMM while decoding.
+
+    ``pieces()`` gives each projection's (weight (n_i, C), bias (n_i,) or None); their
+    concatenation is made on the first call and kept on ``owner`` until
+    :func:`megalm.model.decoding` ends (``owner.decode_fused``). A decode step multiplies
+    one row per sequence, so each GEMM is mostly fixed cost: q/k/v as one and SwiGLU's
+    W1/W3 as one take 29 GEMM calls per llama token down to 17. Returns the (..., n_i) outputs.
+    """
+    fused = owner.decode_fused
+    if fused is None or fused is True:
+        weights, biases = zip(*pieces(), strict=True)
+        bias = None if biases[0] is None else torch.cat(biases)
+        fused = owner.decode_fused = (torch.cat(weights), bias, [w.size(0) for w in weights])
+    weight, bias, sizes = fused
+    return F.linear(x, weight, bias).split(sizes, dim=-1)
+
+
+def set_decode_fusion(module: nn.Module, on: bool) -> None:
+    """Let every attention and SwiGLU MLP under ``module`` fuse its projections (on), or drop
+    the fused weights (off). Off for ZeRO-3 (parameters gathered only inside each forward: a
+    kept concatenation would hold the whole layer unpartitioned)."""
+    partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, Attention) or (isinstance(m, MLP) and m.w3 is not None):
+            m.decode_fused = True if on and not partitioned else None
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -212,6 +244,13 @@ class Attention(nn.Module):
         self.wo.residual_proj = True  # scaled init, see GPT._init_weights
         self.rotary = Rotary(hs, cfg.seq_len, cfg.rope_theta) if cfg.family == "llama" else None
         self.kernels, self.attention = cfg.kernels, cfg.attention
+        self.decode_fused: object = None  # set_decode_fusion: True, then (weight, bias, sizes)
+
+    def _qkv_pieces(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """This rank's q, k, v projection rows (k/v: the replicated head's rows when kv < tp)."""
+        rows = self.kv_rows if self.kv_replicated else slice(None)
+        kv = [(p.weight[rows], None if p.bias is None else p.bias[rows]) for p in (self.wk, self.wv)]
+        return [(self.wq.weight, self.wq.bias), *kv]
 
     def _kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.kv_replicated:
@@ -238,9 +277,13 @@ class Attention(nn.Module):
         x = enter_tp(x, self.group, self.sequence_parallel)  # (B, T, C)
         B, T, _ = x.shape
         hs = self.head_size
-        q = self.wq(x).view(B, T, self.local_heads, hs).transpose(1, 2)  # (B, nh/tp, T, hs)
-        k = self._kv(self.wk, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
-        v = self._kv(self.wv, x).view(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
+        if self.decode_fused is not None:
+            q, k, v = fused_projection(self, self._qkv_pieces, x)
+        else:
+            q, k, v = self.wq(x), self._kv(self.wk, x), self._kv(self.wv, x)
+        q = q.reshape(B, T, self.local_heads, hs).transpose(1, 2)  # (B, nh/tp, T, hs)
+        k = k.reshape(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
+        v = v.reshape(B, T, self.local_kv_heads, hs).transpose(1, 2)  # (B, nkv', T, hs)
         if self.rotary is not None:
             if position_ids is None and self.cp_group is not None:  # this rank's global positions
                 position_ids = local_positions(T, self.cp_group, x.device)[None]  # (1, T)
@@ -304,10 +347,14 @@ class MLP(nn.Module):
         self.w3 = ColumnParallelLinear(cfg.d_model, hidden, False, group) if gated else None
         self.w2 = RowParallelLinear(hidden, cfg.d_model, not gated, group, sequence_parallel)
         self.w2.residual_proj = True
+        self.decode_fused: object = None  # set_decode_fusion (SwiGLU's W1/W3 as one GEMM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, C), or (B, T/tp, C) with SP -> same shape."""
         x = enter_tp(x, self.group, self.sequence_parallel)
+        if self.w3 is not None and self.decode_fused is not None:
+            gate, up = fused_projection(self, lambda: [(self.w1.weight, None), (self.w3.weight, None)], x)
+            return self.w2(F.silu(gate) * up)
         if self.w3 is not None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
