@@ -8,6 +8,7 @@ golden curve (tests/golden): one process bit for bit, other layouts within 1e-5.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from megalm.train.metrics import read_metrics
+from tests.conftest import ROOT
 from tests.golden import SAME_ARITHMETIC, assert_matches_golden, golden_run_overrides
-from tests.launching import run_pretrain
+from tests.launching import cpu_env, run_pretrain
 
 SHM = Path("/dev/shm")
+NO_TENSORBOARD = ROOT / "tests" / "no_tensorboard"  # its sitecustomize hides the package
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +78,35 @@ def test_mpirun_dp2_matches_golden(golden_data, tmp_path):
 
 
 def test_resume_at_step_10_is_bit_equal_to_the_golden_curve(golden_data, tmp_path):
-    first = run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"training.max_steps": 10}))
+    """...and with ``run.tensorboard=true`` both halves write TensorBoard scalars equal to
+    ``metrics.jsonl`` (the tensorboard extra is in the dev extras)."""
+    tb = {"run.tensorboard": "true"}
+    first = run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"training.max_steps": 10}, **tb))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_pretrain(golden_run_overrides(tmp_path, golden_data))
+    second = run_pretrain(golden_run_overrides(tmp_path, golden_data, **tb))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step_00000010" in second.stdout
-    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 21))  # no step logged twice
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 21))  # no step logged twice
     assert_matches_golden(tmp_path, "llama", rel=SAME_ARITHMETIC)  # both halves, bitwise
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in sorted((tmp_path / "tensorboard").glob("events.*")):  # one file per start
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        scalars.update({e.step: e.value for e in acc.Scalars("loss")})
+    assert scalars == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-7)  # stored as fp32
+
+
+def test_tensorboard_without_the_package_is_one_error_line(golden_data, tmp_path):
+    env = cpu_env() | {"PYTHONPATH": f"{NO_TENSORBOARD}{os.pathsep}{cpu_env()['PYTHONPATH']}"}
+    proc = run_pretrain(golden_run_overrides(tmp_path, golden_data, **{"run.tensorboard": "true"}), env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: run.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
+        "(or set run.tensorboard=false)"
+    ], proc.stderr[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_interrupted_save_leaves_latest_loadable(golden_runs, golden_data, tmp_path):

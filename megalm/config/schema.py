@@ -31,10 +31,13 @@ def _non_negative(section: str, obj: object, *names: str) -> None:
 
 @dataclass
 class RunConfig:
-    """Where outputs go and the global seed."""
+    """Where outputs go and the global seed. ``tensorboard``: also write every logged number as
+    TensorBoard scalars under ``<dir>/tensorboard`` (the ``tensorboard`` extra; off by
+    default, as in Megatron-LM and torchtitan: its import costs seconds at every start)."""
 
     dir: str = "runs/tiny"
     seed: int = 1234
+    tensorboard: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ What goes into a record is decided by :mod:`megalm.train.progress`; MFU comes fr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from megalm.checkpoint.manifest import atomic_write_text
+from megalm.config import Config, ConfigError
 
 
 def memory_gb(device: torch.device) -> float:
@@ -23,20 +25,28 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def check_tensorboard(cfg: Config) -> None:
+    """``run.tensorboard=true`` needs the ``tensorboard`` extra: one error line before anything
+    starts (every rank checks, so none waits for rank 0)."""
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "run.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
+            "(or set run.tensorboard=false)"
+        )
+
+
 class MetricsLog:
     """Rank 0's ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard."""
 
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = False) -> None:
         self.path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self._file = open(self.path, "a")
         self._tb = None
-        try:
+        if tensorboard:  # run.tensorboard; importable (check_tensorboard ran at start-up)
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is an optional extra
-            pass
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past ``step`` so a resumed run does not log steps twice, and repair

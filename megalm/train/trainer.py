@@ -28,7 +28,7 @@ from megalm.train.dist import discover_ranks, init_distributed
 from megalm.train.engine import check_precision, gradient_accumulation, resolve_dtype
 from megalm.train.evaluation import Evaluator, sample_text
 from megalm.train.health import Health, NonFiniteError, Verdict, state_is_finite
-from megalm.train.metrics import MetricsLog
+from megalm.train.metrics import MetricsLog, check_tensorboard
 from megalm.train.optim import apply_configured_lr
 from megalm.train.pipeline import bubble_fraction, describe_partition
 from megalm.train.plot import plot_loss
@@ -81,6 +81,7 @@ class Trainer:
         ranks = discover_ranks()
         layout = check_layout(cfg, ranks.world_size, ranks.world_from)
         check_precision(cfg)
+        check_tensorboard(cfg)
         dims = ParallelDims.from_world(ranks.world_size, layout.tp, layout.pp, layout.cp)
         where = dims.grid_coords(ranks.rank)
         manifest = load_manifest(cfg.data.dir, cfg.data)
@@ -144,7 +145,7 @@ class Trainer:
         if self.info.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-            self.log = MetricsLog(self.run_dir, start if start else -1)
+            self.log = MetricsLog(self.run_dir, start if start else -1, self.cfg.run.tensorboard)
 
     def run(self) -> TrainResult:
         """Train from the resumed step (or 0) to ``training.max_steps``.
