@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -263,7 +264,8 @@ class GPT(nn.Module):
         if cache is not None:
             # Decoding runs the blocks eager: compiled ones (training.compile) would be retraced for
             # every cache length; training and held-out windows keep their compiled graphs.
-            with torch.compiler.set_stance("force_eager"):
+            compiled = any(getattr(b, "_compiled_call_impl", None) is not None for b in self.blocks)
+            with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
                 for i, block in enumerate(self.blocks):
                     x = block(x, pos, doc_ids, cache.layer(i))
             return x
