@@ -205,8 +205,10 @@ def decoding(module: nn.Module) -> Iterator[None]:
     for m, _ in cp_groups:
         m.cp_group = None
     set_decode_fusion(module, True)
+    partitioned = any(hasattr(p, "ds_id") for p in module.parameters())  # ZeRO-3
     try:
-        yield
+        with contextlib.nullcontext() if partitioned else torch.inference_mode():
+            yield
     finally:
         set_decode_fusion(module, False)
         for m in flagged:
