@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,20 +30,15 @@ def cpu_env() -> dict[str, str]:
     return subprocess_env() | {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
 
-def run_pretrain(
-    overrides: list[str],
-    launcher: str = "python",
-    nproc: int = 1,
-    cuda: bool = False,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """Run ``launch/pretrain.py`` with ``configs/tiny.yaml`` plus ``overrides``, on CPU unless ``cuda``.
+def run_pretrain(overrides: list[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run ``launch/pretrain.py`` with ``configs/tiny.yaml`` plus ``overrides``; the other
+    arguments (launcher, nproc, cuda, env) as :func:`run_script`'s.
 
     A non-zero exit fails the test for the multi-process launchers; plain python
     returns the process so tests can check error exits. The timeout is 600 s times
-    ``MEGALM_TEST_TIMEOUT_FACTOR``. ``env`` replaces the default environment.
+    ``MEGALM_TEST_TIMEOUT_FACTOR``.
     """
-    return run_script("pretrain.py", ["--config", CONFIG, *overrides], launcher, nproc, cuda, env)
+    return run_script("pretrain.py", ["--config", CONFIG, *overrides], *args, **kwargs)
 
 
 def run_script(
@@ -53,7 +49,8 @@ def run_script(
     cuda: bool = False,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``launch/<name>`` with ``args`` under ``launcher`` (as :func:`run_pretrain`)."""
+    """Run ``launch/<name>`` with ``args`` under ``launcher`` with ``nproc`` ranks, on CPU unless
+    ``cuda``; ``env`` replaces the default environment (:func:`cpu_env`)."""
     cmd = launch_command(launcher, nproc, [str(ROOT / "launch" / name), *args])
     env = env or (subprocess_env() if cuda else cpu_env())
     proc = run_checkout(cmd, 600, env)
