@@ -163,7 +163,9 @@ class TrainBatches:
         steps = _steps(self.schedule, self.samplers, self.global_batch, self.consumed, list(self.counts))
         micro_batches = _rank_slice(steps, self.micro_batch, self.dp_size, self.dp_rank, self.accum)
         if any(w.remote for w in self.sources):
-            micro_batches = _prefetch(micro_batches, self.sources, self.accum)
+            # shards asked for one optimizer step ahead of the trainer: by this stage when the
+            # trainer's thread builds, by the builder thread itself when ``prefetch`` runs it a step early
+            micro_batches = _prefetch(micro_batches, self.sources, 0 if self.prefetch else self.accum)
         return self._materialize(micro_batches)
 
     def _materialize(self, micro_batches: Iterator[_MicroBatch]) -> Iterator:
