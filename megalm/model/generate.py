@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from megalm.model.kv_cache import KVCache
-from megalm.model.layers import set_decode_fusion
+from megalm.model.layers import set_decode_fusion, zero3_partitioned
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def decoding(module: nn.Module) -> Iterator[None]:
     for m, _ in cp_groups:
         m.cp_group = None
     set_decode_fusion(module, True)
-    partitioned = any(hasattr(p, "ds_id") for p in module.parameters())  # ZeRO-3
+    partitioned = zero3_partitioned(module)
     try:
         with contextlib.nullcontext() if partitioned else torch.inference_mode():
             yield

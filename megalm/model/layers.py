@@ -52,11 +52,16 @@ def fused_projection(
     return F.linear(x, weight, bias).split(sizes, dim=-1)
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether ZeRO-3 partitions ``module``'s parameters (DeepSpeed marks each with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def set_decode_fusion(module: nn.Module, on: bool) -> None:
     """Let every attention and SwiGLU MLP under ``module`` fuse its projections (on), or drop
     the fused weights (off). Off for ZeRO-3 (parameters gathered only inside each forward: a
     kept concatenation would hold the whole layer unpartitioned)."""
-    partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
+    partitioned = zero3_partitioned(module)
     for m in module.modules():
         if isinstance(m, Attention) or (isinstance(m, MLP) and m.w3 is not None):
             m.decode_fused = True if on and not partitioned else None
